@@ -1,0 +1,3 @@
+from finegpt.cli import main
+
+main()
