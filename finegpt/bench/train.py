@@ -1,0 +1,416 @@
+"""The end-to-end section: real training steps of each path (eager, fused, each with and without
+torch.compile) on the same synthetic shards and seed, timed after a burn-in.
+
+Per path: ms per optimizer step, tokens/s, MFU, peak memory, and the loss after the timed steps
+(which must agree across paths run at the same micro-batch). A path that runs out of memory on the
+(emulated) card is a row that says so, with the memory it needed; where eager does not fit, eager is
+also measured at the largest micro-batch that fits (halving), so the fused-vs-eager speed-up is
+still a like-for-like figure on that card.
+
+Each path runs one micro-step per optimizer step (grad_accum = 1): accumulation repeats the same
+micro-step, so it changes neither tokens/s nor the peak, and one micro-step keeps the big tiers fast.
+"""
+
+import gc
+import math
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finegpt.bench.result import Chart, SectionResult
+from finegpt.errors import FinegptError
+
+GIB = 2**30
+GPU_TIERS = ("80", "48", "24", "16", "12")
+# Under --all-tiers the compile paths run on the 24 GB tier only: each compile costs tens of seconds,
+# and the 24 GB tier is the one the issue's targets are set on.
+ALL_TIERS_COMPILE = ("24",)
+HEADLINE_TIER = "24"
+# Order of measurement under --all-tiers: the headline tier first, so a time budget that runs out
+# leaves the figures the targets need.
+MEASURE_ORDER = ("24", "16", "12", "48", "80")
+
+
+@dataclass(frozen=True)
+class Path_:
+    name: str
+    fused: bool
+    compile: bool
+
+
+PATHS = (
+    Path_("eager", False, False),
+    Path_("fused", True, False),
+    Path_("eager+compile", False, True),
+    Path_("fused+compile", True, True),
+)
+
+# Losses after the timed steps of paths at the same micro-batch must agree within this fraction of
+# the eager loss: bf16 autocast and different reduction orders make them differ in the last digits.
+LOSS_RTOL = 0.01
+
+COLUMNS = [
+    ("tier", "tier"),
+    ("path", "path"),
+    ("batch", "micro-batch B×T"),
+    ("card_gib", "card (GiB)"),
+    ("status", "status"),
+    ("ms_per_iter", "ms/iter"),
+    ("tokens_per_s", "tokens/s"),
+    ("mfu_pct", "MFU (%)"),
+    ("peak_gib", "peak (GiB)"),
+    ("estimate_gib", "estimate (GiB)"),
+    ("loss", "loss"),
+    ("loss_agrees", "loss agrees"),
+    ("fits", "fits card"),
+    ("vs_eager", "tokens/s vs eager (x)"),
+]
+
+
+def _is_oom(err: BaseException) -> bool:
+    # torch.compile can wrap an allocator failure in its own exception types; the message survives.
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _tried_bytes(message: str) -> int:
+    """The allocation the caching allocator failed on ("Tried to allocate 2.00 GiB"), in bytes."""
+    match = re.search(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB|TiB)", message)
+    if not match:
+        return 0
+    scale = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[match.group(2)]
+    return int(float(match.group(1)) * scale)
+
+
+def _free(cuda: bool) -> None:
+    """Return everything the last path held, so the next path starts from an empty card."""
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()  # compiled graphs hold their own buffers and guards
+
+
+def measure(make_trainer, steps: int, burn_in: int, cuda: bool) -> dict:
+    """Build a trainer, run burn_in untimed then `steps` timed optimizer steps.
+
+    Returns {"status": "ok", ms_per_iter, tokens_per_s, peak_bytes, loss, tokens_per_step} or, when
+    the card runs out of memory, {"status": "OOM", needed_bytes: what was held at the failure plus
+    the allocation that failed (a lower bound)}. Frees the trainer either way.
+    """
+    trainer = None
+    outcome: dict
+    try:
+        _free(cuda)
+        trainer = make_trainer()
+        for _ in range(burn_in):
+            trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        outcome = {
+            "status": "ok",
+            "ms_per_iter": 1000 * elapsed / steps,
+            "tokens_per_s": trainer.tokens_per_step * steps / elapsed,
+            "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "loss": float(loss),
+            "tokens_per_step": trainer.tokens_per_step,
+        }
+    except Exception as err:
+        if not _is_oom(err):
+            raise
+        needed = None
+        if cuda:
+            held = max(torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated() + _tried_bytes(str(err)))
+            needed = held
+        outcome = {"status": "OOM", "needed_bytes": needed, "message": str(err).splitlines()[0][:200]}
+    finally:
+        if trainer is not None:
+            trainer.close()
+        del trainer
+        _free(cuda)
+    return outcome
+
+
+def write_synthetic_shards(directory: Path, tokens: int, seed: int = 0) -> None:
+    """Random GPT-2 token ids: a train shard big enough for every path, and a small val shard."""
+    from finegpt.data import write_shard
+
+    rng = np.random.default_rng(seed)
+    write_shard(directory / "bench_val_000000.bin", rng.integers(0, 50257, 65_536, dtype=np.uint16))
+    write_shard(directory / "bench_train_000001.bin", rng.integers(0, 50257, tokens, dtype=np.uint16))
+
+
+def _trainer_factory(preset, path: Path_, batch_size: int, data_dir: Path, out_dir: Path, device: str, warmup: int, block_size: int):
+    from finegpt.train import Trainer, config_from_preset
+
+    def make():
+        cfg = config_from_preset(
+            preset,
+            data=str(data_dir),
+            out=str(out_dir),
+            device=device,
+            fused=path.fused,
+            compile=path.compile,
+            batch_size=batch_size,
+            block_size=block_size,
+            grad_accum=1,
+            warmup_iters=warmup,
+            seed=1337,
+        )
+        return Trainer(cfg)
+
+    return make
+
+
+def _gib(n: int | None) -> float | None:
+    return None if n is None else n / GIB
+
+
+class _Clock:
+    """The section's time budget: paths not started before it runs out are reported as skipped."""
+
+    def __init__(self, budget_s: float | None):
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+        self.budget_s = budget_s
+
+    def spent(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def _cap_memory(gib: float | None, total: int) -> float | None:
+    """Cap this process's share of the card to `gib` GiB; returns the cap in effect (None = whole card)."""
+    fraction = 1.0 if gib is None else min(1.0, gib * GIB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return None if gib is None else fraction * total / GIB
+
+
+def _tier_label(preset) -> str:
+    return f"{preset.name} GB" if preset.vram_gb else preset.name
+
+
+def _reference(rows: list[dict], compiled: bool) -> dict | None:
+    """The eager row that fused (compiled or not) is compared with: eager at the tier's micro-batch
+    if it fit the card, else eager at the largest micro-batch that fit."""
+    name = "eager+compile" if compiled else "eager"
+    fitting = [r for r in rows if r["path"].split(" ")[0] == name and r["status"] == "ok" and r["fits"] is not False]
+    return max(fitting, key=lambda r: r["_b"], default=None)
+
+
+def _finish_tier(rows: list[dict], batch_size: int) -> None:
+    """Fill in the loss agreement and the tokens/s ratios of one tier's rows."""
+    full = [r for r in rows if r["status"] == "ok" and r["_b"] == batch_size]
+    base = next((r for r in full if r["path"] == "eager"), full[0] if full else None)
+    for r in full:
+        r["loss_agrees"] = abs(r["loss"] - base["loss"]) <= LOSS_RTOL * abs(base["loss"])
+    for r in rows:
+        ref = _reference(rows, compiled="compile" in r["path"])
+        if r["status"] == "ok" and ref is not None:
+            r["vs_eager"] = r["tokens_per_s"] / ref["tokens_per_s"]
+
+
+def _headline(rows: list[dict], tier_label: str, gpu_tiers: list[str], emulated: bool) -> dict:
+    tier = [r for r in rows if r["tier"] == tier_label]
+    head: dict = {"headline_tier": tier_label}
+
+    def full(path):
+        return next((r for r in tier if r["path"] == path), None)
+
+    fused, fused_c = full("fused"), full("fused+compile")
+    eager_ref, eager_c_ref = _reference(tier, False), _reference(tier, True)
+    if fused and fused["status"] == "ok" and eager_ref:
+        head["fused_vs_eager_tokens_per_s"] = fused["tokens_per_s"] / eager_ref["tokens_per_s"]
+        head["eager_micro_batch_compared"] = eager_ref["_b"]
+        head["target_fused_ge_1.1x_eager"] = head["fused_vs_eager_tokens_per_s"] >= 1.1
+    if fused_c and fused_c["status"] == "ok" and eager_c_ref:
+        head["fused_compile_vs_eager_compile_tokens_per_s"] = fused_c["tokens_per_s"] / eager_c_ref["tokens_per_s"]
+        head["target_fused_compile_ge_eager_compile"] = head["fused_compile_vs_eager_compile_tokens_per_s"] >= 1.0
+    # Peak memory at the same micro-batch: eager's comes from its capped run or, when it did not fit,
+    # from the uncapped run of the same batch.
+    eager_peaks = [r["peak_gib"] for r in tier if r["path"] in ("eager", "eager (uncapped)") and r["peak_gib"]]
+    if fused and fused.get("peak_gib") and eager_peaks:
+        head["fused_peak_vs_eager_peak"] = fused["peak_gib"] / max(eager_peaks)
+        head["target_fused_peak_le_0.4x_eager"] = head["fused_peak_vs_eager_peak"] <= 0.4
+    agree = [r["loss_agrees"] for r in rows if r["loss_agrees"] is not None]
+    head["losses_agree"] = all(agree) if agree else None
+    if emulated:
+        fits = {}
+        for label in gpu_tiers:
+            r = next((r for r in rows if r["tier"] == label and r["path"] == "fused"), None)
+            fits[label] = bool(r and r["status"] == "ok" and r["fits"])
+            head[f"fused_fits_{label.replace(' ', '_')}_card"] = fits[label]
+        head["target_every_tier_fits_fused"] = all(fits.values())
+    return head
+
+
+def run(
+    vram: str | None = None,
+    all_tiers: bool = False,
+    emulate_vram: float | None = None,
+    quick: bool = False,
+    steps: int | None = None,
+    burn_in: int | None = None,
+    compile_paths: bool | None = None,
+    time_budget: float | None = None,
+) -> SectionResult:
+    """Measure each training path on the chosen tier(s); see the module docstring.
+
+    vram: tier name (default: the tier this machine's GPU gets, "cpu" without one); all_tiers: every
+    GPU tier, each on its emulated card; emulate_vram: cap the GPU to this many GiB; compile_paths:
+    measure the torch.compile paths (default: yes, except in quick mode and, under all_tiers, except
+    on tiers other than 24 GB); time_budget: seconds after which paths not yet started are skipped.
+    """
+    from finegpt.device import device_memory_bytes, device_name, gpu_peak_flops
+    from finegpt.model import flops_per_token
+    from finegpt.presets import estimate_peak_memory, get_preset
+
+    cuda = torch.cuda.is_available()
+    if not cuda and (all_tiers or emulate_vram):
+        raise FinegptError("--all-tiers and --emulate-vram cap a CUDA GPU's memory and this machine has none: drop them")
+    if all_tiers and (vram or emulate_vram):
+        raise FinegptError("--all-tiers measures every tier on its own emulated card: drop --vram / --emulate-vram")
+    if emulate_vram is not None and emulate_vram <= 0:
+        raise FinegptError(f"--emulate-vram {emulate_vram}: give the card's size in GiB, e.g. 24")
+    presets = [get_preset(t) for t in MEASURE_ORDER] if all_tiers else [get_preset(vram or "auto")]
+    steps = steps or (2 if quick else 5)
+    burn_in = (1 if quick else 3) if burn_in is None else burn_in
+    device = "cuda" if cuda else "cpu"
+    name = device_name(device)
+    peak_flops = gpu_peak_flops(name) if cuda else None
+    total = device_memory_bytes(device)
+    clock = _Clock(time_budget)
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="finegpt-bench-") as tmp:
+        tmp = Path(tmp)
+        need = max((burn_in + steps + 2) * p.batch_size * (p.block_size + 1) for p in presets)
+        write_synthetic_shards(tmp, need)
+        for preset in presets:
+            label = _tier_label(preset)
+            card = float(preset.vram_gb) if all_tiers else emulate_vram
+            cap = _cap_memory(card, total) if cuda else None
+            want_compile = (not quick) if compile_paths is None else compile_paths
+            if all_tiers and compile_paths is None:
+                want_compile = preset.name in ALL_TIERS_COMPILE
+            fpt = flops_per_token(preset.model_config())
+            tier_rows: list[dict] = []
+
+            card_gib = cap if cap is not None else (total / GIB if cuda else None)
+
+            def row(path_name, b, status, result=None, fits=None, card_gib=card_gib):
+                result = result or {}
+                tps = result.get("tokens_per_s")
+                r = {
+                    "tier": label, "path": path_name, "batch": f"{b}×{preset.block_size}",
+                    "card_gib": card_gib, "status": status,
+                    "ms_per_iter": result.get("ms_per_iter"), "tokens_per_s": tps,
+                    "mfu_pct": 100 * tps * fpt / peak_flops if tps and peak_flops else None,
+                    "peak_gib": _gib(result.get("peak_bytes")),
+                    "estimate_gib": _gib(estimate_peak_memory(preset, b, preset.block_size, fused="fused" in path_name)),
+                    "loss": result.get("loss"), "loss_agrees": None, "fits": fits, "vs_eager": None, "_b": b,
+                }  # fmt: skip
+                tier_rows.append(r)
+                return r
+
+            def attempt(path, b):
+                make = _trainer_factory(preset, path, b, tmp, tmp / "out", device, max(1, burn_in), preset.block_size)
+                try:
+                    return measure(make, steps, burn_in, cuda)
+                except Exception as err:  # one broken path must not cost the others' figures
+                    return {"status": f"error: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"}
+
+            for path in PATHS:
+                b = preset.batch_size
+                if path.compile and not want_compile:
+                    why = "--quick" if quick else ("not this tier under --all-tiers" if all_tiers else "--no-compile")
+                    row(path.name, b, f"skipped ({why})")
+                    continue
+                if clock.spent():
+                    row(path.name, b, f"skipped (time budget {clock.budget_s:.0f} s spent)")
+                    continue
+                result = attempt(path, b)
+                if result["status"] == "ok":
+                    row(path.name, b, "ok", result, fits=True if cuda else None)
+                    continue
+                if result["status"] != "OOM":
+                    row(path.name, b, result["status"])
+                    continue
+                needed = result.get("needed_bytes")
+                oom = row(path.name, b, f"OOM: needs ≥ {needed / GIB:.1f} GiB" if needed else "OOM", fits=False)
+                # What it really needs: the same run without the cap, when the card is bigger. Compiled
+                # paths are left out: each extra compile costs tens of seconds.
+                if cap is not None and not path.compile and total / GIB > cap and not clock.spent():
+                    _cap_memory(None, total)
+                    free = attempt(path, b)
+                    _cap_memory(card, total)
+                    if free["status"] == "ok":
+                        oom["status"] = f"OOM: needs {free['peak_bytes'] / GIB:.1f} GiB"
+                        row(f"{path.name} (uncapped)", b, "ok", free, fits=False, card_gib=total / GIB)
+                # The largest micro-batch that fits the card, so the speed-up is measured like for like.
+                while b > 1 and not clock.spent():
+                    b //= 2
+                    result = attempt(path, b)
+                    if result["status"] == "ok":
+                        row(f"{path.name} @B={b}", b, "ok", result, fits=True)
+                        break
+                    if result["status"] != "OOM":
+                        row(f"{path.name} @B={b}", b, result["status"])
+                        break
+            if cuda:
+                _cap_memory(None, total)
+            _finish_tier(tier_rows, preset.batch_size)
+            rows += tier_rows
+
+    order = {t: i for i, t in enumerate(GPU_TIERS + ("cpu",))}
+    rows.sort(key=lambda r: order.get(r["tier"].split(" ")[0], 99))  # stable: paths keep their order
+    labels = [_tier_label(p) for p in presets]
+    headline_label = f"{HEADLINE_TIER} GB" if f"{HEADLINE_TIER} GB" in labels else labels[0]
+    headline = _headline(rows, headline_label, labels, emulated=cuda and (all_tiers or emulate_vram is not None))
+    for r in rows:
+        del r["_b"]
+
+    notes = [
+        f"Each path: {burn_in} untimed step(s), then {steps} timed optimizer step(s) of one micro-batch "
+        "(grad_accum = 1) on the same synthetic random-token shards, seed 1337.",
+        "MFU = tokens/s × FLOPs per token / peak; FLOPs per token = 6·N + 12·L·C·T "
+        "(finegpt.model.flops_per_token, N = weights in matmuls)"
+        + (f"; peak {peak_flops / 1e12:.0f} TFLOP/s bf16 dense for {name} (finegpt.device.gpu_peak_flops)." if peak_flops
+           else f"; no peak known for {name}, so no MFU."),
+        f"Losses of paths at the tier's micro-batch must agree within {LOSS_RTOL:.0%} of eager's; "
+        "'vs eager' compares with eager in the same compile mode at the largest micro-batch that fit the card.",
+        "estimate = finegpt.presets.estimate_peak_memory (FACTS §2 formula, bf16 GPU step).",
+    ]
+    if cuda:
+        notes.append(
+            "peak = torch.cuda.max_memory_allocated over the whole path (model, optimizer, steps). The card is "
+            "emulated with torch.cuda.set_per_process_memory_fraction(GiB·2^30 / total), which caps PyTorch's "
+            "allocator only: a real card also loses ~0.5-1 GiB to the CUDA context."
+        )
+    else:
+        notes.append(
+            "CPU figures: no GPU here. The fused path runs the kernels' PyTorch fallback (chunked linear + "
+            "cross-entropy), not Triton; peak memory is a CUDA allocator reading and is not measured on CPU."
+        )
+    charts = [Chart("Time per optimizer step", "tier", "ms_per_iter", "ms per step", "path"),
+              Chart("Throughput", "tier", "tokens_per_s", "tokens/s", "path")]
+    if cuda:
+        charts.append(Chart("Peak memory", "tier", "peak_gib", "GiB (max_memory_allocated)", "path"))
+    return SectionResult(
+        name="train",
+        device=name if cuda else f"{name} (CPU figures)",
+        rows=rows,
+        columns=COLUMNS,
+        headline=headline,
+        notes=notes,
+        charts=charts,
+    )
