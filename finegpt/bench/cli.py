@@ -5,6 +5,8 @@ printed as a table and merged into `--out` (results.json, report.md, one PNG per
 the section ends, so an interrupted run keeps what it measured.
 """
 
+import signal
+import threading
 import traceback
 from pathlib import Path
 
@@ -47,6 +49,11 @@ def _command(section: str | None, options: dict) -> str:
 
 
 def run_sections(names, out: Path | None, quick: bool, loader_options: dict, train_options: dict) -> None:
+    # A time limit's SIGTERM or SIGINT becomes KeyboardInterrupt, which the train section turns into a
+    # partial result; Python leaves SIGINT ignored when started in the background, so set it here.
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler)
     env = report.environment()
     out_dir = out or report.default_out_dir(env)
     failed = []
@@ -96,6 +103,8 @@ def _train_options(f):
         click.option("--burn-in", type=click.IntRange(min=0), default=None, help="Untimed steps before timing (warm-up, compile)."),
         click.option("--compile/--no-compile", "compile_paths", default=None,
                      help="Measure the torch.compile paths [default: yes; under --all-tiers only on the 24 GB tier]."),
+        click.option("--time-budget", type=float, default=None, metavar="SECONDS",
+                     help="Start no new path after SECONDS; the rest are reported as skipped."),
     ]):
         f = option(f)
     return f

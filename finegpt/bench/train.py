@@ -151,7 +151,7 @@ def write_synthetic_shards(directory: Path, tokens: int, seed: int = 0) -> None:
     write_shard(directory / "bench_train_000001.bin", rng.integers(0, 50257, tokens, dtype=np.uint16))
 
 
-def _trainer_factory(preset, path: Path_, batch_size: int, data_dir: Path, out_dir: Path, device: str, warmup: int, block_size: int):
+def _trainer_factory(preset, path: Path_, batch_size: int, data_dir: Path, out_dir: Path, device: str, warmup: int):
     from finegpt.train import Trainer, config_from_preset
 
     def make():
@@ -163,7 +163,6 @@ def _trainer_factory(preset, path: Path_, batch_size: int, data_dir: Path, out_d
             fused=path.fused,
             compile=path.compile,
             batch_size=batch_size,
-            block_size=block_size,
             grad_accum=1,
             warmup_iters=warmup,
             seed=1337,
@@ -253,6 +252,94 @@ def _headline(rows: list[dict], tier_label: str, gpu_tiers: list[str], emulated:
     return head
 
 
+@dataclass
+class _Setup:
+    """What every tier's measurement shares."""
+
+    cuda: bool
+    device: str
+    total: int | None  # the card's memory in bytes
+    peak_flops: float | None
+    steps: int
+    burn_in: int
+    quick: bool
+    all_tiers: bool
+    emulate_vram: float | None
+    compile_paths: bool | None
+    clock: _Clock
+    data_dir: Path
+
+
+def _measure_tier(preset, setup: _Setup, rows: list[dict]) -> None:
+    """Append a row per path (and per OOM fallback) of one tier to `rows`, as each is measured."""
+    from finegpt.model import flops_per_token
+    from finegpt.presets import estimate_peak_memory
+
+    cuda, total, clock = setup.cuda, setup.total, setup.clock
+    label = _tier_label(preset)
+    card = float(preset.vram_gb) if setup.all_tiers else setup.emulate_vram
+    cap = _cap_memory(card, total) if cuda else None
+    want_compile = (not setup.quick) if setup.compile_paths is None else setup.compile_paths
+    if setup.all_tiers and setup.compile_paths is None:
+        want_compile = preset.name in ALL_TIERS_COMPILE
+    fpt = flops_per_token(preset.model_config())
+    card_gib = cap if cap is not None else (total / GIB if cuda else None)
+
+    def row(path_name, b, status, result=None, fits=None, card_gib=card_gib):
+        result = result or {}
+        tps = result.get("tokens_per_s")
+        r = {
+            "tier": label, "path": path_name, "batch": f"{b}×{preset.block_size}", "card_gib": card_gib,
+            "status": status, "ms_per_iter": result.get("ms_per_iter"), "tokens_per_s": tps,
+            "mfu_pct": 100 * tps * fpt / setup.peak_flops if tps and setup.peak_flops else None,
+            "peak_gib": _gib(result.get("peak_bytes")),
+            "estimate_gib": _gib(estimate_peak_memory(preset, b, preset.block_size, fused="fused" in path_name)),
+            "loss": result.get("loss"), "loss_agrees": None, "fits": fits, "vs_eager": None, "_b": b,
+        }  # fmt: skip
+        rows.append(r)
+        return r
+
+    def attempt(path, b):
+        make = _trainer_factory(preset, path, b, setup.data_dir, setup.data_dir / "out", setup.device, max(1, setup.burn_in))
+        try:
+            return measure(make, setup.steps, setup.burn_in, cuda)
+        except Exception as err:  # one broken path must not cost the others' figures
+            first_line = str(err).splitlines()[0][:160] if str(err) else ""
+            return {"status": f"error: {type(err).__name__}: {first_line}"}
+
+    for path in PATHS:
+        b = preset.batch_size
+        if path.compile and not want_compile:
+            why = "--quick" if setup.quick else ("only the 24 GB tier under --all-tiers" if setup.all_tiers else "--no-compile")
+            row(path.name, b, f"skipped ({why})")
+            continue
+        if clock.spent():
+            row(path.name, b, f"skipped (time budget {clock.budget_s:.0f} s spent)")
+            continue
+        result = attempt(path, b)
+        if result["status"] != "OOM":
+            row(path.name, b, result["status"], result, fits=(True if cuda else None) if result["status"] == "ok" else None)
+            continue
+        needed = result.get("needed_bytes")
+        oom = row(path.name, b, f"OOM: needs ≥ {needed / GIB:.1f} GiB" if needed else "OOM", fits=False)
+        # What it really needs: the same run without the cap, when the card is bigger. Compiled paths
+        # are left out: each extra compile costs tens of seconds.
+        if cap is not None and not path.compile and total / GIB > cap and not clock.spent():
+            _cap_memory(None, total)
+            free = attempt(path, b)
+            _cap_memory(card, total)
+            if free["status"] == "ok":
+                oom["status"] = f"OOM: needs {free['peak_bytes'] / GIB:.1f} GiB"
+                row(f"{path.name} (uncapped)", b, "ok", free, fits=False, card_gib=total / GIB)
+        # The largest micro-batch that fits the card, so the speed-up is measured like for like.
+        while b > 1 and not clock.spent():
+            b //= 2
+            result = attempt(path, b)
+            if result["status"] != "OOM":
+                row(f"{path.name} @B={b}", b, result["status"], result, fits=True if result["status"] == "ok" else None)
+                break
+
+
 def run(
     vram: str | None = None,
     all_tiers: bool = False,
@@ -269,10 +356,10 @@ def run(
     GPU tier, each on its emulated card; emulate_vram: cap the GPU to this many GiB; compile_paths:
     measure the torch.compile paths (default: yes, except in quick mode and, under all_tiers, except
     on tiers other than 24 GB); time_budget: seconds after which paths not yet started are skipped.
+    Ctrl-C (or SIGINT from a time limit) ends the measurement early with the rows measured so far.
     """
     from finegpt.device import device_memory_bytes, device_name, gpu_peak_flops
-    from finegpt.model import flops_per_token
-    from finegpt.presets import estimate_peak_memory, get_preset
+    from finegpt.presets import get_preset
 
     cuda = torch.cuda.is_available()
     if not cuda and (all_tiers or emulate_vram):
@@ -287,89 +374,29 @@ def run(
     device = "cuda" if cuda else "cpu"
     name = device_name(device)
     peak_flops = gpu_peak_flops(name) if cuda else None
-    total = device_memory_bytes(device)
-    clock = _Clock(time_budget)
+    notes = []
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="finegpt-bench-") as tmp:
-        tmp = Path(tmp)
+        setup = _Setup(
+            cuda=cuda, device=device, total=device_memory_bytes(device), peak_flops=peak_flops, steps=steps,
+            burn_in=burn_in, quick=quick, all_tiers=all_tiers, emulate_vram=emulate_vram,
+            compile_paths=compile_paths, clock=_Clock(time_budget), data_dir=Path(tmp),
+        )  # fmt: skip
         need = max((burn_in + steps + 2) * p.batch_size * (p.block_size + 1) for p in presets)
-        write_synthetic_shards(tmp, need)
+        write_synthetic_shards(setup.data_dir, need)
         for preset in presets:
-            label = _tier_label(preset)
-            card = float(preset.vram_gb) if all_tiers else emulate_vram
-            cap = _cap_memory(card, total) if cuda else None
-            want_compile = (not quick) if compile_paths is None else compile_paths
-            if all_tiers and compile_paths is None:
-                want_compile = preset.name in ALL_TIERS_COMPILE
-            fpt = flops_per_token(preset.model_config())
             tier_rows: list[dict] = []
-
-            card_gib = cap if cap is not None else (total / GIB if cuda else None)
-
-            def row(path_name, b, status, result=None, fits=None, card_gib=card_gib):
-                result = result or {}
-                tps = result.get("tokens_per_s")
-                r = {
-                    "tier": label, "path": path_name, "batch": f"{b}×{preset.block_size}",
-                    "card_gib": card_gib, "status": status,
-                    "ms_per_iter": result.get("ms_per_iter"), "tokens_per_s": tps,
-                    "mfu_pct": 100 * tps * fpt / peak_flops if tps and peak_flops else None,
-                    "peak_gib": _gib(result.get("peak_bytes")),
-                    "estimate_gib": _gib(estimate_peak_memory(preset, b, preset.block_size, fused="fused" in path_name)),
-                    "loss": result.get("loss"), "loss_agrees": None, "fits": fits, "vs_eager": None, "_b": b,
-                }  # fmt: skip
-                tier_rows.append(r)
-                return r
-
-            def attempt(path, b):
-                make = _trainer_factory(preset, path, b, tmp, tmp / "out", device, max(1, burn_in), preset.block_size)
-                try:
-                    return measure(make, steps, burn_in, cuda)
-                except Exception as err:  # one broken path must not cost the others' figures
-                    return {"status": f"error: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"}
-
-            for path in PATHS:
-                b = preset.batch_size
-                if path.compile and not want_compile:
-                    why = "--quick" if quick else ("not this tier under --all-tiers" if all_tiers else "--no-compile")
-                    row(path.name, b, f"skipped ({why})")
-                    continue
-                if clock.spent():
-                    row(path.name, b, f"skipped (time budget {clock.budget_s:.0f} s spent)")
-                    continue
-                result = attempt(path, b)
-                if result["status"] == "ok":
-                    row(path.name, b, "ok", result, fits=True if cuda else None)
-                    continue
-                if result["status"] != "OOM":
-                    row(path.name, b, result["status"])
-                    continue
-                needed = result.get("needed_bytes")
-                oom = row(path.name, b, f"OOM: needs ≥ {needed / GIB:.1f} GiB" if needed else "OOM", fits=False)
-                # What it really needs: the same run without the cap, when the card is bigger. Compiled
-                # paths are left out: each extra compile costs tens of seconds.
-                if cap is not None and not path.compile and total / GIB > cap and not clock.spent():
-                    _cap_memory(None, total)
-                    free = attempt(path, b)
-                    _cap_memory(card, total)
-                    if free["status"] == "ok":
-                        oom["status"] = f"OOM: needs {free['peak_bytes'] / GIB:.1f} GiB"
-                        row(f"{path.name} (uncapped)", b, "ok", free, fits=False, card_gib=total / GIB)
-                # The largest micro-batch that fits the card, so the speed-up is measured like for like.
-                while b > 1 and not clock.spent():
-                    b //= 2
-                    result = attempt(path, b)
-                    if result["status"] == "ok":
-                        row(f"{path.name} @B={b}", b, "ok", result, fits=True)
-                        break
-                    if result["status"] != "OOM":
-                        row(f"{path.name} @B={b}", b, result["status"])
-                        break
-            if cuda:
-                _cap_memory(None, total)
-            _finish_tier(tier_rows, preset.batch_size)
-            rows += tier_rows
+            try:
+                _measure_tier(preset, setup, tier_rows)
+            except KeyboardInterrupt:
+                notes.append(f"Interrupted during the {_tier_label(preset)} tier: the paths after it were not measured.")
+                break
+            finally:
+                if cuda:
+                    _cap_memory(None, setup.total)
+                _finish_tier(tier_rows, preset.batch_size)
+                rows += tier_rows
 
     order = {t: i for i, t in enumerate(GPU_TIERS + ("cpu",))}
     rows.sort(key=lambda r: order.get(r["tier"].split(" ")[0], 99))  # stable: paths keep their order
@@ -379,7 +406,7 @@ def run(
     for r in rows:
         del r["_b"]
 
-    notes = [
+    notes += [
         f"Each path: {burn_in} untimed step(s), then {steps} timed optimizer step(s) of one micro-batch "
         "(grad_accum = 1) on the same synthetic random-token shards, seed 1337.",
         "MFU = tokens/s × FLOPs per token / peak; FLOPs per token = 6·N + 12·L·C·T "
@@ -401,13 +428,15 @@ def run(
             "CPU figures: no GPU here. The fused path runs the kernels' PyTorch fallback (chunked linear + "
             "cross-entropy), not Triton; peak memory is a CUDA allocator reading and is not measured on CPU."
         )
-    charts = [Chart("Time per optimizer step", "tier", "ms_per_iter", "ms per step", "path"),
-              Chart("Throughput", "tier", "tokens_per_s", "tokens/s", "path")]
+    charts = [
+        Chart("Time per optimizer step", "tier", "ms_per_iter", "ms per step", "path"),
+        Chart("Throughput", "tier", "tokens_per_s", "tokens/s", "path"),
+    ]
     if cuda:
         charts.append(Chart("Peak memory", "tier", "peak_gib", "GiB (max_memory_allocated)", "path"))
     return SectionResult(
         name="train",
-        device=name if cuda else f"{name} (CPU figures)",
+        device=name if cuda else "cpu (CPU figures, no GPU)",
         rows=rows,
         columns=COLUMNS,
         headline=headline,

@@ -1,0 +1,250 @@
+"""finegpt bench: the reduced end-to-end run (JSON against its schema, Markdown, charts), merging of
+sections, README regeneration, and the train section's handling of paths that run out of memory."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from finegpt.bench import report
+from finegpt.bench import train as bench_train
+from finegpt.bench.result import Chart, SectionResult
+from finegpt.cli import main
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`finegpt bench --quick` once, in a subprocess as a user would run it."""
+    out = tmp_path_factory.mktemp("bench") / "results"
+    env = dict(os.environ)
+    # conftest sets the Triton interpreter for the kernel tests; the bench must use what a user gets
+    # on a CPU machine: the kernels' PyTorch fallback.
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "finegpt", "bench", "--quick", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout
+
+
+def test_quick_run_writes_valid_results(quick_run):
+    out, stdout = quick_run
+    data = json.loads((out / "results.json").read_text())
+    report.validate_results(data)
+    assert list(data["sections"]) == ["loader", "kernels", "train"]
+    env = data["environment"]
+    assert env["torch"] == torch.__version__ and env["cpu_count"] == os.cpu_count()
+    for section in data["sections"].values():
+        assert section["quick"] is True and section["command"].startswith("finegpt bench ")
+    # every section prints its table: the headers of its columns appear in the output
+    for section in data["sections"].values():
+        if not section["skipped"]:
+            assert all(header in stdout for _, header in section["columns"])
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU labelling")
+def test_quick_run_on_cpu_labels_cpu_figures_and_skips_kernels(quick_run):
+    out, _ = quick_run
+    sections = json.loads((out / "results.json").read_text())["sections"]
+    assert sections["kernels"]["skipped"] and "GPU" in sections["kernels"]["skipped"].upper()
+    train = sections["train"]
+    assert "CPU" in train["device"]
+    by_path = {row["path"]: row for row in train["rows"]}
+    for path in ("eager", "fused"):
+        row = by_path[path]
+        assert row["status"] == "ok" and row["tier"] == "cpu"
+        assert row["tokens_per_s"] > 0 and row["ms_per_iter"] > 0 and row["loss"] > 0
+        assert row["loss_agrees"] is True
+    for path in ("eager+compile", "fused+compile"):
+        assert by_path[path]["status"].startswith("skipped (") and by_path[path]["tokens_per_s"] is None
+    assert by_path["fused"]["vs_eager"] == pytest.approx(by_path["fused"]["tokens_per_s"] / by_path["eager"]["tokens_per_s"])
+    assert train["headline"]["losses_agree"] is True
+
+
+def test_quick_run_markdown_has_every_section(quick_run):
+    out, _ = quick_run
+    data = json.loads((out / "results.json").read_text())
+    text = (out / "report.md").read_text()
+    assert data["environment"]["device"] in text
+    for name, section in data["sections"].items():
+        assert f"## {name}" in text
+        if section["skipped"]:
+            assert section["skipped"] in text
+            continue
+        header_line = "| " + " | ".join(h for _, h in section["columns"]) + " |"
+        assert header_line in text
+        assert len([line for line in text.splitlines() if line.startswith("| ")]) >= len(section["rows"])
+        assert f"({section['chart_file']})" in text
+
+
+def test_quick_run_charts_open_and_show_the_results(quick_run):
+    from PIL import Image
+
+    out, _ = quick_run
+    data = json.loads((out / "results.json").read_text())
+    drawn = [s for s in data["sections"].values() if s["chart_file"]]
+    assert {s["name"] for s in drawn} >= {"loader", "train"}
+    for section in drawn:
+        path = out / section["chart_file"]
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
+        shown = report.read_chart_metadata(path)
+        assert [c["title"] for c in shown] == [c["title"] for c in section["charts"]]
+        for chart, meta in zip(section["charts"], shown):
+            assert meta["series"] == json.loads(json.dumps(report.chart_series(chart, section["rows"])))
+            assert any(v for series in meta["series"].values() for v in series.values())
+    train_series = report.read_chart_metadata(out / "train.png")[0]["series"]
+    assert {"eager", "fused"} <= set(train_series)
+
+
+def _section(name, device="cpu", value=1.0, **kw):
+    result = SectionResult(
+        name=name, device=device, rows=[{"case": "a", "path": "fused", "ms": value}, {"case": "a", "path": "eager", "ms": 2 * value}],
+        columns=[("case", "case"), ("path", "path"), ("ms", "time (ms)")], headline={"speedup": 2.0},
+        charts=[Chart("Time", "case", "ms", "ms", "path")], **kw,
+    )  # fmt: skip
+    return report.section_record(result, command=f"finegpt bench {name}", quick=False)
+
+
+def _env(device="CPU: test (2 cores)", date="2026-01-01T00:00:00+00:00"):
+    env = report.environment()
+    env.update(device=device, date=date)
+    return env
+
+
+def test_validator_names_what_is_wrong(tmp_path):
+    good = report.write_results_dir(tmp_path, _env(), [_section("train")])
+    report.validate_results(good)
+    cases = [
+        (lambda d: d["environment"].pop("torch"), "environment: missing key 'torch'"),
+        (lambda d: d["sections"]["train"]["rows"][0].update(ms=[1]), "rows[0].ms: expected"),
+        (lambda d: d["sections"]["train"]["columns"].append(["x"]), "expected 2 items"),
+        (lambda d: d["sections"]["train"]["rows"].append({"nope": 1}), "not columns"),
+        (lambda d: d["sections"]["train"]["charts"][0].update(value_key="missing"), "charts[0]"),
+        (lambda d: d.update(schema_version=99), "schema_version"),
+    ]  # fmt: skip
+    for breaks, message in cases:
+        data = copy.deepcopy(good)
+        breaks(data)
+        with pytest.raises(report.ResultsError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            report.validate_results(data)
+
+
+def test_sections_run_separately_merge_into_one_results_dir(tmp_path):
+    report.write_results_dir(tmp_path, _env(), [_section("train", value=1.0)])
+    report.write_results_dir(tmp_path, _env(), [_section("loader", value=3.0)])
+    data = report.write_results_dir(tmp_path, _env(), [_section("train", value=5.0)])
+    assert list(data["sections"]) == ["loader", "train"]
+    assert data["sections"]["train"]["rows"][0]["ms"] == 5.0  # replaced by the newer run
+    assert data["sections"]["loader"]["rows"][0]["ms"] == 3.0  # kept
+    assert json.loads((tmp_path / "results.json").read_text()) == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loader.png", "report.md", "results.json", "train.png"]
+    with pytest.raises(report.ResultsError, match="another --out"):
+        report.write_results_dir(tmp_path, _env(device="NVIDIA H100 80GB HBM3"), [_section("train")])
+
+
+def test_readme_shows_the_latest_result_per_device(tmp_path):
+    root = tmp_path / "results"
+    report.write_results_dir(root / "a-old", _env(date="2026-01-01T00:00:00+00:00"), [_section("train", value=1.0)])
+    new = _section("train", value=7.0)
+    new["headline"] = {"speedup": 3.5}
+    report.write_results_dir(root / "a-new", _env(date="2026-02-01T00:00:00+00:00"), [new])
+    report.write_results_dir(root / "gpu", _env(device="NVIDIA H100 80GB HBM3"), [_section("kernels")])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Bench\n\nHow to run.\n\n{report.README_BEGIN}\nstale\n{report.README_END}\n\nFooter.\n")
+    result = CliRunner().invoke(main, ["bench", "report", str(root), "--readme", str(readme)])
+    assert result.exit_code == 0, result.output
+    text = readme.read_text()
+    assert text.startswith("# Bench\n\nHow to run.") and text.rstrip().endswith("Footer.") and "stale" not in text
+    block = text.split(report.README_BEGIN)[1].split(report.README_END)[0]
+    assert block.count("### ") == 2 and "### NVIDIA H100 80GB HBM3" in block and "### CPU: test (2 cores)" in block
+    assert "speedup = 3.50" in block and "speedup = 2.00" in block.split("### NVIDIA")[1]
+    assert "results/a-new/report.md" in block and "a-old" not in block
+    assert "Reproduce: `finegpt bench train`" in block
+
+
+def test_report_of_missing_directory_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "report", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "no such directory" in result.output
+
+
+class FakeTrainer:
+    """Stands in for finegpt.train.Trainer: runs out of memory above a micro-batch, like a small card."""
+
+    def __init__(self, batch_size, max_batch, loss):
+        if batch_size > max_batch:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has ...")
+        self.tokens_per_step = batch_size * 8
+        self.loss = loss
+        self.closed = False
+
+    def train_step(self):
+        return self.loss
+
+    def close(self):
+        self.closed = True
+
+
+def test_measure_reports_out_of_memory_instead_of_raising():
+    assert bench_train._tried_bytes("Tried to allocate 3.00 GiB. GPU 0") == 3 * 2**30
+    assert bench_train._tried_bytes("Tried to allocate 512.00 MiB") == 512 * 2**20
+    made = []
+
+    def make():
+        made.append(FakeTrainer(4, max_batch=8, loss=2.5))
+        return made[-1]
+
+    ok = bench_train.measure(make, steps=3, burn_in=1, cuda=False)
+    assert ok["status"] == "ok" and ok["loss"] == 2.5 and ok["tokens_per_step"] == 32 and made[0].closed
+    oom = bench_train.measure(lambda: FakeTrainer(16, max_batch=8, loss=2.5), steps=3, burn_in=1, cuda=False)
+    assert oom["status"] == "OOM" and "Tried to allocate" in oom["message"]
+
+    def broken():
+        raise ValueError("a bug, not a full card")
+
+    with pytest.raises(ValueError):
+        bench_train.measure(broken, steps=1, burn_in=0, cuda=False)
+
+
+def test_train_section_falls_back_to_the_largest_micro_batch_that_fits(monkeypatch):
+    """Eager runs out of memory at the tier's micro-batch: the row says so, eager is measured at the
+    largest halved micro-batch that fits, and fused is compared with that."""
+    from finegpt.presets import get_preset
+
+    preset = get_preset("cpu")
+    fits_eager = preset.batch_size // 4
+
+    def factory(preset_, path, batch_size, *args):
+        max_batch = 10**6 if path.fused else fits_eager
+        return lambda: FakeTrainer(batch_size, max_batch, loss=3.0 if path.fused else 3.001)
+
+    monkeypatch.setattr(bench_train, "_trainer_factory", factory)
+    monkeypatch.setattr(bench_train, "write_synthetic_shards", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = bench_train.run(vram="cpu", steps=2, burn_in=0, compile_paths=False)
+    rows = {r["path"]: r for r in result.rows}
+    assert rows["eager"]["status"] == "OOM" and rows["eager"]["fits"] is False and rows["eager"]["tokens_per_s"] is None
+    fallback = rows[f"eager @B={fits_eager}"]
+    assert fallback["status"] == "ok" and fallback["batch"] == f"{fits_eager}×{preset.block_size}"
+    assert f"eager @B={fits_eager * 2}" not in rows  # it stopped halving at the first fit
+    assert rows["fused"]["loss_agrees"] is True  # only paths at the tier's micro-batch are compared
+    assert rows["fused"]["vs_eager"] == pytest.approx(rows["fused"]["tokens_per_s"] / fallback["tokens_per_s"])
+    assert result.headline["eager_micro_batch_compared"] == fits_eager
+    assert rows["eager+compile"]["status"] == "skipped (--no-compile)"
+    assert any("6·N + 12·L·C·T" in note for note in result.notes)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message given on a machine without a GPU")
+def test_gpu_only_flags_are_refused_on_cpu():
+    for flags in (["--all-tiers"], ["--emulate-vram", "24"]):
+        result = CliRunner().invoke(main, ["bench", "train", *flags])
+        assert result.exit_code == 1 and "Error:" in result.output and flags[0] in result.output
+        assert "Traceback" not in result.output
