@@ -37,7 +37,7 @@ step() {
     local rc=${PIPESTATUS[0]}
     local status=ok
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status="timed out"; elif [ "$rc" != 0 ]; then status="failed (exit $rc)"; fi
-    SUMMARY+=("$(printf '%-10s %-18s %5ss' "$name" "$status" $((SECONDS - start)))")
+    SUMMARY+=("$(printf '%-12s %-18s %5ss' "$name" "$status" $((SECONDS - start)))")
 }
 
 step environment 30 bash -c "nvidia-smi; python3 -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
@@ -69,7 +69,7 @@ print(format_table(rows, ["section", "headline", "value"]))
 EOF
 {
     echo
-    echo "step       status             time"
+    echo "step         status             time"
     printf '%s\n' "${SUMMARY[@]}"
     echo "results in $RESULTS ($(ls "$RESULTS" | tr '\n' ' '))"
 } | tee -a "$LOG"

@@ -12,7 +12,6 @@ micro-step, so it changes neither tokens/s nor the peak, and one micro-step keep
 """
 
 import gc
-import math
 import re
 import tempfile
 import time
@@ -31,23 +30,25 @@ GPU_TIERS = ("80", "48", "24", "16", "12")
 # and the 24 GB tier is the one the issue's targets are set on.
 ALL_TIERS_COMPILE = ("24",)
 HEADLINE_TIER = "24"
-# Order of measurement under --all-tiers: the headline tier first, so a time budget that runs out
-# leaves the figures the targets need.
+# Order of measurement under --all-tiers: the headline tier first, so a time budget or time limit that
+# runs out leaves the figures the targets need.
 MEASURE_ORDER = ("24", "16", "12", "48", "80")
 
 
 @dataclass(frozen=True)
-class Path_:
+class TrainPath:
+    """One way of running the same model: the kernels or plain PyTorch, with or without torch.compile."""
+
     name: str
     fused: bool
     compile: bool
 
 
 PATHS = (
-    Path_("eager", False, False),
-    Path_("fused", True, False),
-    Path_("eager+compile", False, True),
-    Path_("fused+compile", True, True),
+    TrainPath("eager", False, False),
+    TrainPath("fused", True, False),
+    TrainPath("eager+compile", False, True),
+    TrainPath("fused+compile", True, True),
 )
 
 # Losses after the timed steps of paths at the same micro-batch must agree within this fraction of
@@ -151,7 +152,7 @@ def write_synthetic_shards(directory: Path, tokens: int, seed: int = 0) -> None:
     write_shard(directory / "bench_train_000001.bin", rng.integers(0, 50257, tokens, dtype=np.uint16))
 
 
-def _trainer_factory(preset, path: Path_, batch_size: int, data_dir: Path, out_dir: Path, device: str, warmup: int):
+def _trainer_factory(preset, path: TrainPath, batch_size: int, data_dir: Path, out_dir: Path, device: str, warmup: int):
     from finegpt.train import Trainer, config_from_preset
 
     def make():
@@ -177,14 +178,19 @@ def _gib(n: int | None) -> float | None:
 
 
 class _Clock:
-    """The section's time budget: paths not started before it runs out are reported as skipped."""
+    """When to stop starting paths: a time budget, or an interrupt (Ctrl-C, a time limit's SIGINT)."""
 
     def __init__(self, budget_s: float | None):
         self.deadline = None if budget_s is None else time.monotonic() + budget_s
         self.budget_s = budget_s
+        self.interrupted = False
 
-    def spent(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
+    def stop_reason(self) -> str | None:
+        if self.interrupted:
+            return "interrupted"
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return f"time budget {self.budget_s:.0f} s spent"
+        return None
 
 
 def _cap_memory(gib: float | None, total: int) -> float | None:
@@ -270,7 +276,7 @@ class _Setup:
     data_dir: Path
 
 
-def _measure_tier(preset, setup: _Setup, rows: list[dict]) -> None:
+def _measure_paths(preset, paths, setup: _Setup, rows: list[dict]) -> None:
     """Append a row per path (and per OOM fallback) of one tier to `rows`, as each is measured."""
     from finegpt.model import flops_per_token
     from finegpt.presets import estimate_peak_memory
@@ -301,20 +307,25 @@ def _measure_tier(preset, setup: _Setup, rows: list[dict]) -> None:
 
     def attempt(path, b):
         make = _trainer_factory(preset, path, b, setup.data_dir, setup.data_dir / "out", setup.device, max(1, setup.burn_in))
+        # A compiled path compiles in its first step, which must not be timed.
+        burn_in = max(1, setup.burn_in) if path.compile else setup.burn_in
         try:
-            return measure(make, setup.steps, setup.burn_in, cuda)
+            return measure(make, setup.steps, burn_in, cuda)
+        except KeyboardInterrupt:
+            clock.interrupted = True
+            return {"status": "interrupted"}
         except Exception as err:  # one broken path must not cost the others' figures
             first_line = str(err).splitlines()[0][:160] if str(err) else ""
             return {"status": f"error: {type(err).__name__}: {first_line}"}
 
-    for path in PATHS:
+    for path in paths:
         b = preset.batch_size
         if path.compile and not want_compile:
             why = "--quick" if setup.quick else ("only the 24 GB tier under --all-tiers" if setup.all_tiers else "--no-compile")
             row(path.name, b, f"skipped ({why})")
             continue
-        if clock.spent():
-            row(path.name, b, f"skipped (time budget {clock.budget_s:.0f} s spent)")
+        if clock.stop_reason():
+            row(path.name, b, f"skipped ({clock.stop_reason()})")
             continue
         result = attempt(path, b)
         if result["status"] != "OOM":
@@ -324,7 +335,7 @@ def _measure_tier(preset, setup: _Setup, rows: list[dict]) -> None:
         oom = row(path.name, b, f"OOM: needs ≥ {needed / GIB:.1f} GiB" if needed else "OOM", fits=False)
         # What it really needs: the same run without the cap, when the card is bigger. Compiled paths
         # are left out: each extra compile costs tens of seconds.
-        if cap is not None and not path.compile and total / GIB > cap and not clock.spent():
+        if cap is not None and not path.compile and total / GIB > cap and not clock.stop_reason():
             _cap_memory(None, total)
             free = attempt(path, b)
             _cap_memory(card, total)
@@ -332,7 +343,7 @@ def _measure_tier(preset, setup: _Setup, rows: list[dict]) -> None:
                 oom["status"] = f"OOM: needs {free['peak_bytes'] / GIB:.1f} GiB"
                 row(f"{path.name} (uncapped)", b, "ok", free, fits=False, card_gib=total / GIB)
         # The largest micro-batch that fits the card, so the speed-up is measured like for like.
-        while b > 1 and not clock.spent():
+        while b > 1 and not clock.stop_reason():
             b //= 2
             result = attempt(path, b)
             if result["status"] != "OOM":
@@ -385,18 +396,23 @@ def run(
         )  # fmt: skip
         need = max((burn_in + steps + 2) * p.batch_size * (p.block_size + 1) for p in presets)
         write_synthetic_shards(setup.data_dir, need)
+        # Every tier's plain paths first, then the compiled ones: a budget spent on compiling must not
+        # cost a tier its fused-path figure.
+        plain = [p for p in PATHS if not p.compile]
+        compiled = [p for p in PATHS if p.compile]
+        tier_rows: dict[str, list[dict]] = {p.name: [] for p in presets}
+        try:
+            for paths in (plain, compiled):
+                for preset in presets:
+                    _measure_paths(preset, paths, setup, tier_rows[preset.name])
+        except KeyboardInterrupt:
+            notes.append("Interrupted: the paths not listed were not measured.")
+        finally:
+            if cuda:
+                _cap_memory(None, setup.total)
         for preset in presets:
-            tier_rows: list[dict] = []
-            try:
-                _measure_tier(preset, setup, tier_rows)
-            except KeyboardInterrupt:
-                notes.append(f"Interrupted during the {_tier_label(preset)} tier: the paths after it were not measured.")
-                break
-            finally:
-                if cuda:
-                    _cap_memory(None, setup.total)
-                _finish_tier(tier_rows, preset.batch_size)
-                rows += tier_rows
+            _finish_tier(tier_rows[preset.name], preset.batch_size)
+            rows += tier_rows[preset.name]
 
     order = {t: i for i, t in enumerate(GPU_TIERS + ("cpu",))}
     rows.sort(key=lambda r: order.get(r["tier"].split(" ")[0], 99))  # stable: paths keep their order
