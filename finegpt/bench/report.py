@@ -338,7 +338,8 @@ def chart_series(chart: Chart | dict, rows: list[dict[str, Any]]) -> dict[str, d
         name = str(row.get(c["series_key"])) if c["series_key"] else c["value_key"]
         value = row.get(c["value_key"])
         series.setdefault(name, {})[str(row[c["label_key"]])] = value if isinstance(value, (int, float)) else None
-    return series
+    # A series never measured (every path of it skipped) is left out rather than drawn as empty bars.
+    return {name: values for name, values in series.items() if any(v is not None for v in values.values())}
 
 
 def write_charts(section: dict[str, Any], out_dir: Path) -> str | None:
@@ -362,8 +363,11 @@ def write_charts(section: dict[str, Any], out_dir: Path) -> str | None:
             heights = [values.get(label) for label in labels]
             bars = ax.bar(xs, [h or 0 for h in heights], width, label=name)
             for label, bar, h in zip(labels, bars, heights):
-                if h is None and label in values:  # measured but no figure, e.g. out of memory
-                    ax.annotate("n/a", (bar.get_x() + bar.get_width() / 2, 0), ha="center", va="bottom", fontsize=7)
+                if label not in values:
+                    continue
+                # measured without a figure (e.g. out of memory) shows as n/a at the axis
+                text = "n/a" if h is None else format_value(h)
+                ax.annotate(text, (bar.get_x() + bar.get_width() / 2, h or 0), ha="center", va="bottom", fontsize=7)
         positive = [v for values in series.values() for v in values.values() if v]
         if positive and max(positive) / min(positive) > 100:
             ax.set_yscale("log")  # loader baselines can be orders of magnitude apart

@@ -51,6 +51,14 @@ PATHS = (
     TrainPath("fused+compile", True, True),
 )
 
+# --quick: a smoke test of every path in seconds, not figures of the tier's real micro-batch.
+QUICK_MICRO_BATCH = 4
+
+
+def micro_batch(preset, quick: bool) -> int:
+    return min(preset.batch_size, QUICK_MICRO_BATCH) if quick else preset.batch_size
+
+
 # Losses after the timed steps of paths at the same micro-batch must agree within this fraction of
 # the eager loss: bf16 autocast and different reduction orders make them differ in the last digits.
 LOSS_RTOL = 0.01
@@ -319,7 +327,7 @@ def _measure_paths(preset, paths, setup: _Setup, rows: list[dict]) -> None:
             return {"status": f"error: {type(err).__name__}: {first_line}"}
 
     for path in paths:
-        b = preset.batch_size
+        b = micro_batch(preset, setup.quick)
         if path.compile and not want_compile:
             why = "--quick" if setup.quick else ("only the 24 GB tier under --all-tiers" if setup.all_tiers else "--no-compile")
             row(path.name, b, f"skipped ({why})")
@@ -394,7 +402,7 @@ def run(
             burn_in=burn_in, quick=quick, all_tiers=all_tiers, emulate_vram=emulate_vram,
             compile_paths=compile_paths, clock=_Clock(time_budget), data_dir=Path(tmp),
         )  # fmt: skip
-        need = max((burn_in + steps + 2) * p.batch_size * (p.block_size + 1) for p in presets)
+        need = max((burn_in + steps + 2) * micro_batch(p, quick) * (p.block_size + 1) for p in presets)
         write_synthetic_shards(setup.data_dir, need)
         # Every tier's plain paths first, then the compiled ones: a budget spent on compiling must not
         # cost a tier its fused-path figure.
@@ -411,7 +419,7 @@ def run(
             if cuda:
                 _cap_memory(None, setup.total)
         for preset in presets:
-            _finish_tier(tier_rows[preset.name], preset.batch_size)
+            _finish_tier(tier_rows[preset.name], micro_batch(preset, quick))
             rows += tier_rows[preset.name]
 
     order = {t: i for i, t in enumerate(GPU_TIERS + ("cpu",))}
