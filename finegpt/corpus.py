@@ -162,13 +162,11 @@ def _parquet_batches(file: Path, skip: int) -> Iterator:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(file)
-    groups = []
-    for g in range(pf.metadata.num_row_groups):
-        rows = pf.metadata.row_group(g).num_rows
-        if skip >= rows:
-            skip -= rows
-        else:
-            groups.append(g)
+    first = 0
+    while first < pf.metadata.num_row_groups and skip >= pf.metadata.row_group(first).num_rows:
+        skip -= pf.metadata.row_group(first).num_rows
+        first += 1
+    groups = list(range(first, pf.metadata.num_row_groups))
     if not groups:
         return
     for batch in pf.iter_batches(batch_size=BATCH_DOCS, row_groups=groups, columns=["text"]):

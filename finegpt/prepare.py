@@ -263,7 +263,7 @@ class TokenCount(click.ParamType):
             number = float(text[:-1] if scale != 1 else text)
         except ValueError:
             self.fail(f"{value!r} is not a count (examples: 100000000, 1e8, 100M)", param, ctx)
-        if number != int(number):
+        if number * scale != int(number * scale):
             self.fail(f"{value!r} is not a whole number of tokens", param, ctx)
         return int(number * scale)
 
@@ -315,7 +315,11 @@ def shards_command(path, decode):
     Checks every header and file size (llm.c / modded-nanogpt format), so downloaded shards can be
     trusted before training.
     """
-    files = [path] if path.is_file() else sorted(path.glob("*.bin"))
+    def stream_order(file: Path):  # val shard first, then train shards by number
+        match = SHARD_NAME.match(file.name)
+        return (int(match["index"]) if match else float("inf"), file.name)
+
+    files = [path] if path.is_file() else sorted(path.glob("*.bin"), key=stream_order)
     if not files:
         raise FinegptError(f"{path}: no .bin shard files here")
     rows, bad, split_totals = [], [], {"val": 0, "train": 0, "other": 0}

@@ -1,0 +1,402 @@
+"""finegpt prepare / shards: documents in, GPT-2 token shards out, resumable and independent of workers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from finegpt import corpus, prepare
+from finegpt.cli import main
+from finegpt.corpus import HubUnreachableError
+from finegpt.data import TokenLoader, read_shard
+from finegpt.errors import FinegptError
+from finegpt.prepare import prepare_shards
+from finegpt.tokenizer import EOT, gpt2_encoding
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Unicode: naïve café, Привет мир, 日本語のテキスト, emoji 🙂🚀 and ZWJ 👩‍👩‍👧.",
+    "Numbers 0 7 42 1234567890 3.14159 and   whitespace\t\truns\n\n\n   here.",
+    "Web text can contain the literal <|endoftext|> token, which must stay ordinary text.",
+    "",
+    "def f(x):\n    return [x ** 2 for _ in range(10)]\n",
+    "A longer paragraph. " * 40,
+]
+# 60 documents of varied lengths; every one distinct so order mistakes show.
+DOCS = [f"Document {i}. {BASE[i % len(BASE)]} " + "word " * (i * 7 % 53) for i in range(60)]
+
+
+def fineweb_table(texts):
+    """A table with FineWeb's schema (FACTS §4) holding our own texts."""
+    n = len(texts)
+    return pa.table({
+        "text": texts,
+        "id": [f"<urn:uuid:{i:08d}>" for i in range(n)],
+        "dump": ["CC-MAIN-2024-10"] * n,
+        "url": [f"https://example.com/{i}" for i in range(n)],
+        "date": ["2024-02-20T00:00:00Z"] * n,
+        "file_path": ["s3://commoncrawl/x.warc.gz"] * n,
+        "language": ["en"] * n,
+        "language_score": [0.9] * n,
+        "token_count": [len(gpt2_encoding().encode_ordinary(t)) for t in texts],
+    })
+
+
+def write_parquet_dir(root: Path, texts) -> Path:
+    """Two parquet files with several row groups each, so skipping crosses files and groups."""
+    root.mkdir()
+    half = len(texts) // 2
+    pq.write_table(fineweb_table(texts[:half]), root / "part-000.parquet", row_group_size=7)
+    pq.write_table(fineweb_table(texts[half:]), root / "part-001.parquet", row_group_size=7)
+    return root
+
+
+def write_jsonl(path: Path, texts) -> Path:
+    rows = fineweb_table(texts).to_pylist()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def expected_tokens(texts) -> np.ndarray:
+    enc = gpt2_encoding()
+    return np.array([t for text in texts for t in [EOT] + enc.encode_ordinary(text)], dtype=np.uint16)
+
+
+def shard_paths(out: Path) -> list[Path]:
+    """Shards in stream order: the val shard, then train shards by number."""
+    return sorted(out.glob("*.bin"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+
+
+def all_tokens(out: Path) -> np.ndarray:
+    return np.concatenate([read_shard(p) for p in shard_paths(out)])
+
+
+def decoded_documents(tokens: np.ndarray) -> list[str]:
+    assert tokens[0] == EOT
+    starts = np.flatnonzero(tokens == EOT)
+    ends = list(starts[1:]) + [len(tokens)]
+    return [gpt2_encoding().decode(tokens[s + 1:e].tolist()) for s, e in zip(starts, ends)]
+
+
+def file_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in shard_paths(out)}
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def parquet_dir(tmp_path_factory):
+    return write_parquet_dir(tmp_path_factory.mktemp("src") / "web", DOCS)
+
+
+def test_cli_parquet_round_trip(parquet_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("prepare", "--dataset", parquet_dir, "--out", out, "--shard-tokens", 500,
+                     "--val-tokens", 300, "--workers", 1)
+    assert result.exit_code == 0, result.output
+    files = shard_paths(out)
+    names = [p.name for p in files]
+    assert names[0] == "web_val_000000.bin"
+    assert names[1:] == [f"web_train_{i:06d}.bin" for i in range(1, len(names))]
+    sizes = [len(read_shard(p)) for p in files]
+    expected = expected_tokens(DOCS)
+    assert sizes[0] == 300
+    assert all(s == 500 for s in sizes[1:-1]) and 0 < sizes[-1] <= 500
+    assert sum(sizes) == len(expected)
+    tokens = all_tokens(out)
+    np.testing.assert_array_equal(tokens, expected)
+    assert decoded_documents(tokens) == DOCS  # every document, in order, each after one EOT
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["totals"]["tokens"] == len(expected)
+    assert manifest["totals"]["documents"] == len(DOCS)
+    assert manifest["totals"]["val_tokens"] == 300
+    assert manifest["tokenizer"]["name"] == "gpt2"
+    assert [s["name"] for s in manifest["shards"]] == names
+    import hashlib
+    assert all(s["sha256"] == hashlib.sha256((out / s["name"]).read_bytes()).hexdigest() for s in manifest["shards"])
+
+
+def test_jsonl_and_txt_in_path_order(tmp_path):
+    src = tmp_path / "mixed"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", DOCS[:20])
+    (src / "b.txt").write_text(DOCS[20], encoding="utf-8")  # a .txt file is one document
+    write_jsonl(src / "c.jsonl", DOCS[21:30])
+    manifest = prepare_shards(src, tmp_path / "out", shard_tokens=1000, val_tokens=100, workers=1, progress=False)
+    tokens = all_tokens(tmp_path / "out")
+    assert decoded_documents(tokens) == DOCS[:30]
+    assert manifest["totals"]["documents"] == 30
+
+
+def test_single_jsonl_file_prefix_and_default_val(tmp_path):
+    data = write_jsonl(tmp_path / "My Corpus!.jsonl", DOCS)
+    manifest = prepare_shards(data, tmp_path / "out", shard_tokens=1_000_000, workers=1, progress=False)
+    val, train = manifest["totals"]["val_tokens"], manifest["totals"]["train_tokens"]
+    assert (tmp_path / "out" / "My-Corpus_val_000000.bin").exists()
+    assert 0 < val < train  # a small corpus keeps most tokens for training
+
+
+def test_byte_identical_for_one_and_two_workers(parquet_dir, tmp_path):
+    for workers in (1, 2):
+        prepare_shards(parquet_dir, tmp_path / f"w{workers}", shard_tokens=700, val_tokens=250,
+                       workers=workers, progress=False)
+    assert file_bytes(tmp_path / "w1") == file_bytes(tmp_path / "w2")
+    assert len(file_bytes(tmp_path / "w1")) > 3
+
+
+def test_max_tokens_stops_exactly(parquet_dir, tmp_path):
+    manifest = prepare_shards(parquet_dir, tmp_path / "out", shard_tokens=400, val_tokens=300,
+                              max_tokens=1234, workers=1, progress=False)
+    sizes = [len(read_shard(p)) for p in shard_paths(tmp_path / "out")]
+    assert sizes == [300, 400, 400, 134]
+    np.testing.assert_array_equal(all_tokens(tmp_path / "out"), expected_tokens(DOCS)[:1234])
+    assert manifest["totals"]["tokens"] == 1234 and manifest["complete"]
+
+
+def test_interrupted_run_resumes_to_same_bytes(parquet_dir, tmp_path, monkeypatch):
+    args = dict(shard_tokens=450, val_tokens=200, workers=1, progress=False)
+    prepare_shards(parquet_dir, tmp_path / "whole", **args)
+
+    real_write = prepare.write_shard
+    calls = []
+
+    def ctrl_c_on_third_shard(path, tokens):
+        calls.append(path)
+        if len(calls) == 3:  # the third shard is complete in memory but not written: mid-shard stop
+            raise KeyboardInterrupt
+        real_write(path, tokens)
+
+    monkeypatch.setattr(prepare, "write_shard", ctrl_c_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(parquet_dir, tmp_path / "cut", **args)
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert not manifest["complete"] and len(manifest["shards"]) == 2
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == sorted(
+        ["manifest.json"] + [s["name"] for s in manifest["shards"]])  # nothing half-written
+
+    monkeypatch.setattr(prepare, "write_shard", real_write)
+    written = []
+    monkeypatch.setattr(prepare, "write_shard", lambda p, t: (written.append(Path(p).name), real_write(p, t)))
+    prepare_shards(parquet_dir, tmp_path / "cut", **args)
+    assert file_bytes(tmp_path / "cut") == file_bytes(tmp_path / "whole")
+    assert manifest["shards"][0]["name"] not in written  # finished shards were kept, not redone
+
+
+def test_interrupted_while_reading_resumes(parquet_dir, tmp_path, monkeypatch):
+    """Stopped by Ctrl-C between batches with a shard half full, in the 2-worker path."""
+    args = dict(shard_tokens=600, val_tokens=350, workers=2, progress=False)
+    prepare_shards(parquet_dir, tmp_path / "whole", **{**args, "workers": 1})
+    # Small batches (the bytes must not depend on them), so the stop comes after some are written.
+    monkeypatch.setattr(corpus, "BATCH_DOCS", 3)
+    real_open = corpus.open_source
+
+    def interrupting_source(dataset, name):
+        source = real_open(dataset, name)
+        batches = source.batches
+
+        def stop_after_three(start):
+            for i, batch in enumerate(batches(start)):
+                if i == 14:
+                    raise KeyboardInterrupt
+                yield batch
+
+        source.batches = stop_after_three
+        return source
+
+    monkeypatch.setattr(prepare, "open_source", interrupting_source)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(parquet_dir, tmp_path / "cut", **args)
+    kept = json.loads((tmp_path / "cut" / "manifest.json").read_text())["shards"]
+    assert 0 < len(kept) < len(file_bytes(tmp_path / "whole"))
+    monkeypatch.setattr(prepare, "open_source", real_open)
+    prepare_shards(parquet_dir, tmp_path / "cut", **args)
+    assert file_bytes(tmp_path / "cut") == file_bytes(tmp_path / "whole")
+
+
+def test_changed_shard_is_prepared_again(parquet_dir, tmp_path):
+    args = dict(shard_tokens=500, val_tokens=300, workers=1, progress=False)
+    out = tmp_path / "out"
+    prepare_shards(parquet_dir, out, **args)
+    good = file_bytes(out)
+    victim = shard_paths(out)[2]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    prepare_shards(parquet_dir, out, **args)
+    assert file_bytes(out) == good
+
+
+@pytest.mark.slow
+def test_sigint_subprocess_resumes(tmp_path):
+    """A real Ctrl-C to `finegpt prepare` mid-run: exit 130, then the same command finishes the job."""
+    rng = np.random.default_rng(0)
+    words = np.array("alpha beta gamma delta the of and to in is data model token shard train".split())
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(50, 400, size=4000)]
+    src = tmp_path / "big.jsonl"
+    write_jsonl(src, texts)
+    cmd = [sys.executable, "-m", "finegpt", "prepare", "--dataset", str(src), "--shard-tokens", "20000",
+           "--val-tokens", "5000", "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "cut")], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    manifest_path = tmp_path / "cut" / "manifest.json"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if manifest_path.exists() and len(json.loads(manifest_path.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "re-run the same command to resume" in err and "Traceback" not in err
+    assert not json.loads(manifest_path.read_text())["complete"]
+
+    subprocess.run(cmd + ["--out", str(tmp_path / "cut")], env=env, cwd=REPO, check=True, capture_output=True)
+    prepare_shards(src, tmp_path / "whole", shard_tokens=20000, val_tokens=5000, workers=1, progress=False)
+    assert file_bytes(tmp_path / "cut") == file_bytes(tmp_path / "whole")
+
+
+def test_hub_code_path_on_local_parquet(parquet_dir, tmp_path, monkeypatch):
+    files = sorted(str(p) for p in parquet_dir.glob("*.parquet"))
+    real = corpus.hub_batches
+    streamed = [t for b in real("parquet", None, data_files=files) for t in b.to_pylist()]
+    assert streamed == DOCS
+    assert [t for b in real("parquet", None, 17, data_files=files) for t in b.to_pylist()] == DOCS[17:]
+
+    # The whole `--dataset fineweb` path, with `datasets` pointed at the local files.
+    monkeypatch.setattr(corpus, "hub_batches",
+                        lambda path, name, start: real("parquet", None, start, data_files=files))
+    manifest = prepare_shards("fineweb", tmp_path / "out", shard_tokens=800, workers=2, progress=False)
+    assert manifest["source"] == {"hub": "HuggingFaceFW/fineweb", "name": "sample-10BT"}
+    assert (tmp_path / "out" / "fineweb_val_000000.bin").exists()
+    assert manifest["shards"][0]["tokens"] == 800  # FineWeb's default: the whole first shard is val
+    np.testing.assert_array_equal(all_tokens(tmp_path / "out"), expected_tokens(DOCS))
+
+
+def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(HubUnreachableError, match="--dataset builtin"):
+        prepare_shards("fineweb", tmp_path / "out", workers=1, progress=False)
+
+
+@pytest.mark.slow
+def test_hf_hub_offline_cli_message(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "finegpt", "prepare", "--out", str(tmp_path / "o")],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Hugging Face Hub" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
+    assert "--dataset builtin" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_builtin_offline_feeds_token_loader(tmp_path):
+    out = tmp_path / "builtin"
+    result = run_cli("prepare", "--dataset", "builtin", "--out", out, "--shard-tokens", "200k")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    totals = manifest["totals"]
+    assert totals["tokens"] > 300_000  # ~0.5M tokens of Python documentation
+    assert 0 < totals["val_tokens"] < totals["train_tokens"] / 5
+    train = sorted(str(p) for p in out.glob("builtin_train_*.bin"))
+    assert len(train) == -(-totals["train_tokens"] // 200_000)
+    with TokenLoader(train, 4, 64, seed=1) as loader:
+        x, y = next(iter(loader))
+    assert x.shape == y.shape == (4, 64)
+    assert (x[:, 1:] == y[:, :-1]).all()
+    assert decoded_documents(read_shard(out / "builtin_val_000000.bin"))[0].strip()
+
+
+def test_refuses_other_source_unless_overwrite(parquet_dir, tmp_path):
+    out = tmp_path / "out"
+    prepare_shards(parquet_dir, out, shard_tokens=500, val_tokens=300, workers=1, progress=False)
+    other = write_jsonl(tmp_path / "other.jsonl", DOCS[:5])
+    result = run_cli("prepare", "--dataset", other, "--out", out)
+    assert result.exit_code == 1 and "--overwrite" in result.output and "Traceback" not in result.output
+    # Different settings for the same source are refused too.
+    with pytest.raises(FinegptError, match="shard_tokens"):
+        prepare_shards(parquet_dir, out, shard_tokens=600, val_tokens=300, workers=1, progress=False)
+    prepare_shards(other, out, shard_tokens=500, val_tokens=10, workers=1, overwrite=True, progress=False)
+    assert [p.name for p in shard_paths(out)] == ["other_val_000000.bin", "other_train_000001.bin"]
+    assert decoded_documents(all_tokens(out)) == DOCS[:5]
+
+
+def test_refuses_foreign_shards_without_manifest(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    from finegpt.data import write_shard
+    write_shard(out / "fineweb_train_000001.bin", [1, 2, 3])
+    with pytest.raises(FinegptError, match="without a manifest"):
+        prepare_shards(write_jsonl(tmp_path / "d.jsonl", DOCS[:3]), out, workers=1, progress=False)
+
+
+def test_user_mistakes_are_clear_errors(tmp_path):
+    cases = []
+    cases.append((tmp_path / "missing", "no such file or directory"))
+    (tmp_path / "empty_dir").mkdir()
+    cases.append((tmp_path / "empty_dir", "holds no"))
+    (tmp_path / "empty.jsonl").write_text("")
+    cases.append((tmp_path / "empty.jsonl", "empty"))
+    no_text = tmp_path / "no_text.parquet"
+    pq.write_table(pa.table({"content": ["a", "b"], "id": ["1", "2"]}), no_text)
+    cases.append((no_text, "no `text` column"))
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    cases.append((bad_line, "bad.jsonl:2: no `text` field"))
+    for dataset, message in cases:
+        result = run_cli("prepare", "--dataset", dataset, "--out", tmp_path / "out", "--workers", 1)
+        assert result.exit_code == 1, (dataset, result.output)
+        assert "Error:" in result.output and message in result.output, result.output
+        assert "Traceback" not in result.output
+    result = run_cli("prepare", "--dataset", "builtin", "--shard-tokens", "0", "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "--shard-tokens" in result.output
+    result = run_cli("prepare", "--dataset", "builtin", "--shard-tokens", "1.5x", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "not a count" in result.output
+
+
+@pytest.mark.parametrize("text,value", [("100000000", 10**8), ("1e8", 10**8), ("100M", 10**8),
+                                        ("10_485_760", 10_485_760), ("2.5k", 2500)])
+def test_token_count_option(text, value):
+    assert prepare.TokenCount().convert(text, None, None) == value
+
+
+def test_shards_command_lists_validates_decodes(parquet_dir, tmp_path):
+    out = tmp_path / "out"
+    prepare_shards(parquet_dir, out, shard_tokens=1000, val_tokens=300, workers=1, progress=False)
+    total = len(expected_tokens(DOCS))
+    result = run_cli("shards", out, "--decode", 12)
+    assert result.exit_code == 0, result.output
+    assert "web_val_000000.bin" in result.output and "web_train_000001.bin" in result.output
+    assert f"{total:,} tokens" in result.output and "val 300" in result.output
+    assert f"train {total - 300:,}" in result.output
+    assert "<|endoftext|>Document 0. The quick brown fox" in result.output
+
+    broken = shard_paths(out)[1]
+    broken.write_bytes(broken.read_bytes()[:-2])  # one token short of what the header says
+    result = run_cli("shards", out)
+    assert result.exit_code == 1 and "INVALID" in result.output and broken.name in result.output
+
+    result = run_cli("shards", tmp_path / "src_none")
+    assert result.exit_code == 2
+    (tmp_path / "nothing").mkdir()
+    result = run_cli("shards", tmp_path / "nothing")
+    assert result.exit_code == 1 and "no .bin shard files" in result.output
