@@ -6,8 +6,8 @@
 #   FINEGPT_COMMIT=$(git rev-parse --short=12 HEAD) OUT=/tmp/out bash bench/gpu_check.sh
 #
 # Budget (seconds, each step killed at its limit; a failed step is recorded and the next one runs):
-#   install 30 + GPU tests 50 + kernels 80 + train (every tier emulated) 100 + loader 40 = 300 = 5 min.
-# The train step stops starting new paths after 70 s and is interrupted (SIGINT, which it turns into a
+#   setup 30 + GPU tests 45 + kernels 75 + train (every tier emulated) 115 + loader 30 = 295 = 5 min.
+# The train step stops starting new paths after 85 s and is interrupted (SIGINT, which it turns into a
 # partial result) at its limit. Leaves in $OUT (at most 6 files, as the device tool returns 8):
 #   results/results.json, results/report.md, results/{loader,kernels,train}.png, gpu_check.log
 set -u -o pipefail
@@ -40,14 +40,14 @@ step() {
     SUMMARY+=("$(printf '%-12s %-18s %5ss' "$name" "$status" $((SECONDS - start)))")
 }
 
-step environment 30 bash -c "nvidia-smi; python3 -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
-step install 30 bash -c "rm -rf '$SITE' && python3 -m pip install -q --no-deps --no-index --target '$SITE' '$REPO'/wheelhouse/*.whl && PYTHONPATH='$SITE' python3 -c 'import finegpt, finegpt._loader, kernels; print(\"finegpt\", finegpt.__version__, \"from\", finegpt.__file__)'"
+step environment 15 bash -c "nvidia-smi; python3 -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
+step install 15 bash -c "rm -rf '$SITE' && python3 -m pip install -q --no-deps --no-index --target '$SITE' '$REPO'/wheelhouse/*.whl && PYTHONPATH='$SITE' python3 -c 'import finegpt, finegpt._loader, kernels; print(\"finegpt\", finegpt.__version__, \"from\", finegpt.__file__)'"
 export PYTHONPATH="$SITE"
 
-step gpu-tests 50 python3 -m pytest "$REPO/tests" -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors
-step kernels 80 python3 -m finegpt bench kernels --out "$RESULTS"
-step train 100 python3 -m finegpt bench train --all-tiers --burn-in 2 --steps 5 --time-budget 70 --out "$RESULTS"
-step loader 40 python3 -m finegpt bench loader --device cuda --out "$RESULTS"
+step gpu-tests 45 python3 -m pytest "$REPO/tests" -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors
+step kernels 75 python3 -m finegpt bench kernels --out "$RESULTS"
+step train 115 python3 -m finegpt bench train --all-tiers --burn-in 2 --steps 5 --time-budget 85 --out "$RESULTS"
+step loader 30 python3 -m finegpt bench loader --device cuda --out "$RESULTS"
 
 echo | tee -a "$LOG"
 (cd "$WORK" && timeout 30 python3 - "$RESULTS/results.json" <<'EOF') 2>&1 | tee -a "$LOG"
