@@ -248,3 +248,38 @@ def test_gpu_only_flags_are_refused_on_cpu():
         result = CliRunner().invoke(main, ["bench", "train", *flags])
         assert result.exit_code == 1 and "Error:" in result.output and flags[0] in result.output
         assert "Traceback" not in result.output
+
+
+def test_headline_compares_like_for_like_on_an_emulated_card():
+    """24 GB tier where eager and eager+compile do not fit: fused is compared with eager at the largest
+    micro-batch that fit, its memory with eager's uncapped peak at the same micro-batch, and
+    fused+compile with eager+compile's uncapped run."""
+
+    def r(tier, path, b, status="ok", tps=None, peak=None, fits=True):
+        return {"tier": tier, "path": path, "_b": b, "status": status, "tokens_per_s": tps, "peak_gib": peak,
+                "fits": fits, "loss": 10.8 if status == "ok" else None, "loss_agrees": None, "vs_eager": None}  # fmt: skip
+
+    tier24 = [
+        r("24 GB", "eager", 32, status="OOM: needs 30.1 GiB", fits=False),
+        r("24 GB", "eager (uncapped)", 32, tps=100_000, peak=30.0, fits=False),
+        r("24 GB", "eager @B=16", 16, tps=80_000, peak=15.5),
+        r("24 GB", "fused", 32, tps=120_000, peak=9.0),
+        r("24 GB", "fused+compile", 32, tps=150_000, peak=8.0),
+        r("24 GB", "eager+compile", 32, status="OOM", fits=False),
+        r("24 GB", "eager+compile (uncapped)", 32, tps=140_000, peak=26.0, fits=False),
+    ]
+    tier16 = [r("16 GB", "eager", 32, tps=50_000, peak=12.0), r("16 GB", "fused", 32, status="OOM", fits=False)]
+    bench_train._finish_tier(tier24, 32)
+    bench_train._finish_tier(tier16, 32)
+    head = bench_train._headline(tier24 + tier16, "24 GB", ["24 GB", "16 GB"], emulated=True)
+    assert head["fused_vs_eager_tokens_per_s"] == pytest.approx(120_000 / 80_000)
+    assert head["eager_micro_batch_compared"] == 16 and head["target_fused_ge_1.1x_eager"] is True
+    assert head["fused_compile_vs_eager_compile_tokens_per_s"] == pytest.approx(150_000 / 140_000)
+    assert head["eager_compile_fit_card"] is False and head["target_fused_compile_ge_eager_compile"] is True
+    assert head["fused_peak_vs_eager_peak"] == pytest.approx(9.0 / 30.0)
+    assert head["target_fused_peak_le_0.4x_eager"] is True
+    assert head["fused_fits_24_GB_card"] is True and head["fused_fits_16_GB_card"] is False
+    assert head["target_every_tier_fits_fused"] is False
+    rows = {x["path"]: x for x in tier24}
+    assert rows["fused"]["vs_eager"] == pytest.approx(1.5) and rows["eager @B=16"]["loss_agrees"] is None
+    assert rows["eager (uncapped)"]["loss_agrees"] is True  # same micro-batch as fused: compared
