@@ -166,9 +166,10 @@ def test_readme_shows_the_latest_result_per_device(tmp_path):
     assert text.startswith("# Bench\n\nHow to run.") and text.rstrip().endswith("Footer.") and "stale" not in text
     block = text.split(report.README_BEGIN)[1].split(report.README_END)[0]
     assert block.count("### ") == 2 and "### NVIDIA H100 80GB HBM3" in block and "### CPU: test (2 cores)" in block
-    assert "speedup = 3.50" in block and "speedup = 2.00" in block.split("### NVIDIA")[1]
+    cpu_part, gpu_part = block.split("### NVIDIA")[0], block.split("### NVIDIA")[1]
+    assert "| train | speedup | 3.50 |" in cpu_part and "| kernels | speedup | 2.00 |" in gpu_part
     assert "results/a-new/report.md" in block and "a-old" not in block
-    assert "Reproduce: `finegpt bench train`" in block
+    assert "Reproduce: `finegpt bench train`." in cpu_part
 
 
 def test_report_of_missing_directory_is_a_clear_error(tmp_path):

@@ -483,14 +483,15 @@ def readme_results(results_root: Path, readme_dir: Path) -> str:
             f"Full tables and charts: [{rel}]({rel}).",
             "",
         ]
+        rows, commands = [], []
         for section in data["sections"].values():
-            quick = " (reduced `--quick` sizes)" if section["quick"] else ""
+            quick = " (`--quick`)" if section["quick"] else ""
             if section["skipped"]:
-                out += [f"- **{section['name']}**: skipped: {section['skipped']}"]
-                continue
-            figures = ", ".join(f"{k} = {format_value(v)}" for k, v in section["headline"].items())
-            out += [f"- **{section['name']}**{quick}: {figures or 'see the report'}. Reproduce: `{section['command']}`"]
-        out.append("")
+                rows.append([section["name"] + quick, "skipped", section["skipped"]])
+            rows += [[section["name"] + quick, key, format_value(value)] for key, value in section["headline"].items()]
+            commands.append(f"`{section['command']}`")
+        out += [_markdown_table(["section", "figure", "value"], rows, [False, False, True]), ""]
+        out += [f"Reproduce: {', '.join(commands)}.", ""]
     return "\n".join(out)
 
 
