@@ -166,14 +166,22 @@ class TokenLoader:
         self._shard_tokens: list[int] = self._core.shard_tokens
         self._n_windows: int = self._core.n_windows
         self._batches: int | None = self._core.batches
-        # On CUDA two extra slots cover copies still in flight, so `prefetch` batches stay ready.
-        slots = prefetch + (2 if self._cuda else 0)
-        # int32 on the wire: pinned so the host-to-device copy is a true async DMA (FACTS §9).
-        self._ring = torch.empty((slots, batch_size, block_size + 1), dtype=torch.int32, pin_memory=self._cuda)
+        # CPU: each slot is an int64 (2, B, T) tensor the workers fill with x and y; next() hands
+        # it out as the batch and gives the slot a fresh one, so no copy happens on this thread.
+        # CUDA: one pinned int32 (slots, B, T+1) ring (int32 on the wire, a true async DMA, FACTS
+        # §9), with two extra slots for copies still in flight so `prefetch` batches stay ready.
+        if self._cuda:
+            self._ring = torch.empty((prefetch + 2, batch_size, block_size + 1), dtype=torch.int32, pin_memory=True)
+            self._slots = list(self._ring.unbind(0))
+        else:
+            self._slots = [self._new_split() for _ in range(prefetch)]
         self._pending: dict[int, torch.cuda.Event] = {}  # slot -> event recorded after its copy
         self._consumed = 0
         self._keep_position = False
         self._start(0)
+
+    def _new_split(self) -> torch.Tensor:
+        return torch.empty((2, self.batch_size, self.block_size), dtype=torch.int64)
 
     # -- iteration ---------------------------------------------------------------------------
 
@@ -189,13 +197,14 @@ class TokenLoader:
         self._check_usable()
         if self._cuda:
             return self._next_cuda()
-        out = torch.empty((2, self.batch_size, self.block_size), dtype=torch.int64)
+        fresh = self._new_split()
         try:
-            more = self._core.next_into(out.numpy())
+            slot = self._core.take(fresh.numpy())
         except (OSError, ValueError) as err:
             raise _translate(err) from None
-        if not more:
+        if slot is None:
             raise StopIteration
+        out, self._slots[slot] = self._slots[slot], fresh
         self._consumed += 1
         return out[0], out[1]
 
@@ -205,7 +214,7 @@ class TokenLoader:
                 del self._pending[slot]
                 self._core.release(slot)
         # The batch we want lands in this slot; its previous copy must finish before a refill.
-        wanted = self._consumed % self._ring.shape[0]
+        wanted = self._consumed % len(self._slots)
         if wanted in self._pending:
             self._pending.pop(wanted).synchronize()
             self._core.release(wanted)
@@ -215,7 +224,7 @@ class TokenLoader:
             raise _translate(err) from None
         if slot is None:
             raise StopIteration
-        batch = self._ring[slot].to(self._device, non_blocking=True)  # one contiguous (B, T+1) copy
+        batch = self._slots[slot].to(self._device, non_blocking=True)  # one contiguous (B, T+1) copy
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self._device))
         self._pending[slot] = event
@@ -290,7 +299,7 @@ class TokenLoader:
         """Restart the workers so the caller's next batch is `batch`."""
         self._wait_copies()
         try:
-            self._core.start(self._ring.numpy(), batch)
+            self._core.start([t.numpy() for t in self._slots], not self._cuda, batch)
         except (OSError, ValueError) as err:
             raise _translate(err) from None
         self._consumed = batch

@@ -2,8 +2,10 @@
 //!
 //! Batch `k` always lands in slot `k % slots`, so batches come out in order however many threads
 //! fill them. A slot is refilled only after the consumer released it: on a GPU that is after the
-//! copy out of the (pinned) slot has completed, which the caller decides. The threads never touch
-//! Python, and a panic in one becomes an error for the consumer, never an abort.
+//! copy out of the (pinned) slot has completed, which the caller decides; on the CPU the caller
+//! keeps the filled buffer as its batch and releases the slot at once with a fresh buffer, so the
+//! int64 widening happens here, off the training thread, and `next()` copies nothing. The threads
+//! never touch Python, and a panic in one becomes an error for the consumer, never an abort.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -12,35 +14,28 @@ use std::thread::JoinHandle;
 use crate::sampler::{Sampler, Windows};
 use crate::shard::{Error, ErrorKind, Result};
 
-/// Memory for `slots` batches of `(B, T+1)` int32 tokens, owned by the caller, who keeps it
-/// alive and untouched (except reading released-to-it slots) until the prefetcher is dropped.
-#[derive(Clone, Copy)]
-pub struct Ring {
-    ptr: *mut i32,
-    slots: usize,
-    slot_len: usize,
+/// How a slot's buffer holds one batch of `B` windows of `T+1` tokens.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Layout {
+    /// int32 `(B, T+1)`: what goes over the wire to a GPU, sliced into x and y there.
+    Tokens,
+    /// int64 `(2, B, T)`: inputs then targets, ready to be handed out as CPU tensors.
+    Split,
 }
 
-// SAFETY: workers write disjoint slots, each only while the slot is marked Filling.
-unsafe impl Send for Ring {}
-unsafe impl Sync for Ring {}
-
-impl Ring {
-    /// # Safety
-    /// `ptr` must point to `slots * slot_len` writable int32 that outlive the prefetcher.
-    pub unsafe fn new(ptr: *mut i32, slots: usize, slot_len: usize) -> Ring {
-        Ring { ptr, slots, slot_len }
-    }
-
-    pub fn slots(&self) -> usize {
-        self.slots
-    }
-
-    /// SAFETY (callers): the slot must be owned by the caller (Filling or Taken).
-    unsafe fn slot(&self, s: usize) -> *mut i32 {
-        self.ptr.add(s * self.slot_len)
+impl Layout {
+    /// Elements of one slot's buffer.
+    pub fn slot_len(self, batch: usize, block: usize) -> usize {
+        match self {
+            Layout::Tokens => batch * (block + 1),
+            Layout::Split => 2 * batch * block,
+        }
     }
 }
+
+/// The address of a slot's buffer: caller-owned memory of `Layout::slot_len` elements that stays
+/// valid (and is not read by the caller) while the slot belongs to the prefetcher.
+pub type Buffer = usize;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Slot {
@@ -54,6 +49,7 @@ struct State {
     next_fill: u64,
     next_take: u64,
     slots: Vec<Slot>,
+    buffers: Vec<Buffer>,
     closed: bool,
     error: Option<Error>,
 }
@@ -64,7 +60,7 @@ struct Shared {
     free: Condvar,
     windows: Arc<Windows>,
     sampler: Sampler,
-    ring: Ring,
+    layout: Layout,
     /// One past the last batch (sequential pass), or None (endless).
     end: Option<u64>,
 }
@@ -75,14 +71,33 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn fill(&self, k: u64, s: usize, windows: &mut Vec<u64>) {
+    fn fill(&self, k: u64, buffer: Buffer, windows: &mut Vec<u64>) {
         self.sampler.batch_windows(k, windows);
-        let row = self.windows.block() + 1;
-        // SAFETY: slot s is Filling, so this thread is its only user.
-        let dst = unsafe { std::slice::from_raw_parts_mut(self.ring.slot(s), self.ring.slot_len) };
-        for (out, &w) in dst.chunks_exact_mut(row).zip(windows.iter()) {
-            for (o, &t) in out.iter_mut().zip(self.windows.window(w)) {
-                *o = t as i32;
+        let (b, t) = (self.sampler.batch as usize, self.windows.block());
+        let len = self.layout.slot_len(b, t);
+        match self.layout {
+            Layout::Tokens => {
+                // SAFETY: the slot is Filling, so this thread is its buffer's only user.
+                let dst = unsafe { std::slice::from_raw_parts_mut(buffer as *mut i32, len) };
+                for (row, &w) in dst.chunks_exact_mut(t + 1).zip(windows.iter()) {
+                    for (o, &v) in row.iter_mut().zip(self.windows.window(w)) {
+                        *o = v as i32;
+                    }
+                }
+            }
+            Layout::Split => {
+                // SAFETY: as above.
+                let dst = unsafe { std::slice::from_raw_parts_mut(buffer as *mut i64, len) };
+                let (x, y) = dst.split_at_mut(b * t);
+                for ((xr, yr), &w) in x.chunks_exact_mut(t).zip(y.chunks_exact_mut(t)).zip(windows.iter()) {
+                    let win = self.windows.window(w);
+                    for (o, &v) in xr.iter_mut().zip(&win[..t]) {
+                        *o = v as i64;
+                    }
+                    for (o, &v) in yr.iter_mut().zip(&win[1..]) {
+                        *o = v as i64;
+                    }
+                }
             }
         }
     }
@@ -90,13 +105,13 @@ impl Shared {
     fn work(&self) {
         let mut windows = Vec::with_capacity(self.sampler.batch as usize);
         loop {
-            let (k, s) = {
+            let (k, s, buffer) = {
                 let mut st = self.lock();
                 loop {
                     if st.closed || st.error.is_some() || self.end.is_some_and(|e| st.next_fill >= e) {
                         return;
                     }
-                    let s = (st.next_fill % self.ring.slots as u64) as usize;
+                    let s = (st.next_fill % st.slots.len() as u64) as usize;
                     if st.slots[s] == Slot::Free {
                         break;
                     }
@@ -104,11 +119,11 @@ impl Shared {
                 }
                 let k = st.next_fill;
                 st.next_fill += 1;
-                let s = (k % self.ring.slots as u64) as usize;
+                let s = (k % st.slots.len() as u64) as usize;
                 st.slots[s] = Slot::Filling;
-                (k, s)
+                (k, s, st.buffers[s])
             };
-            let filled = catch_unwind(AssertUnwindSafe(|| self.fill(k, s, &mut windows)));
+            let filled = catch_unwind(AssertUnwindSafe(|| self.fill(k, buffer, &mut windows)));
             let mut st = self.lock();
             match filled {
                 Ok(()) => st.slots[s] = Slot::Ready(k),
@@ -128,16 +143,30 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    /// Starts `threads` workers that produce this rank's batches from `start` on.
-    pub fn start(windows: Arc<Windows>, sampler: Sampler, ring: Ring, start: u64, threads: usize) -> Result<Prefetcher> {
-        if ring.slot_len != sampler.batch as usize * (windows.block() + 1) || ring.slots == 0 {
-            return Err(Error::new(ErrorKind::Config, "ring slots do not match (batch_size, block_size + 1)"));
+    /// Starts `threads` workers that produce this rank's batches from `start` on, batch `k` into
+    /// `buffers[k % buffers.len()]`.
+    ///
+    /// # Safety
+    /// Each buffer must hold `layout.slot_len(B, T)` elements (int32 or int64 per the layout) and
+    /// stay valid until the prefetcher is dropped or the buffer is replaced in `release`; the
+    /// caller reads a slot's buffer only between `next_slot` and `release`.
+    pub unsafe fn start(
+        windows: Arc<Windows>,
+        sampler: Sampler,
+        layout: Layout,
+        buffers: Vec<Buffer>,
+        start: u64,
+        threads: usize,
+    ) -> Result<Prefetcher> {
+        if buffers.is_empty() {
+            return Err(Error::new(ErrorKind::Config, "the ring needs at least one slot"));
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 next_fill: start,
                 next_take: start,
-                slots: vec![Slot::Free; ring.slots],
+                slots: vec![Slot::Free; buffers.len()],
+                buffers,
                 closed: false,
                 error: None,
             }),
@@ -146,12 +175,12 @@ impl Prefetcher {
             end: sampler.batches(),
             windows,
             sampler,
-            ring,
+            layout,
         });
         let mut prefetcher = Prefetcher { shared, threads: Vec::new() };
         for i in 0..threads.max(1) {
             let shared = Arc::clone(&prefetcher.shared);
-            let spawned = std::thread::Builder::new().name(format!("finegpt-loader-{i}")).spawn(move || shared.work());
+            let spawned = std::thread::Builder::new().name(format!("finegpt-loader{i}")).spawn(move || shared.work());
             match spawned {
                 Ok(handle) => prefetcher.threads.push(handle),
                 Err(e) => return Err(Error::new(ErrorKind::Io, format!("cannot start loader thread: {e}"))), // drop joins the rest
@@ -169,7 +198,7 @@ impl Prefetcher {
         if sh.end.is_some_and(|e| k >= e) {
             return Ok(None);
         }
-        let s = (k % sh.ring.slots as u64) as usize;
+        let s = (k % st.slots.len() as u64) as usize;
         loop {
             if let Some(e) = &st.error {
                 return Err(e.clone());
@@ -198,44 +227,27 @@ impl Prefetcher {
         self.shared.ready.notify_all();
     }
 
-    /// Gives a slot taken with `next_slot` back for refilling.
-    pub fn release(&self, s: usize) -> Result<()> {
+    /// Gives a slot taken with `next_slot` back for refilling, into `replacement` if given (the
+    /// old buffer then belongs to the caller for good: CPU batches are handed out without a copy).
+    ///
+    /// # Safety
+    /// `replacement` must meet the same conditions as the buffers given to `start`.
+    pub unsafe fn release(&self, s: usize, replacement: Option<Buffer>) -> Result<()> {
         let mut st = self.shared.lock();
         if st.slots.get(s) != Some(&Slot::Taken) {
             return Err(Error::new(ErrorKind::Config, format!("slot {s} is not held")));
+        }
+        if let Some(buffer) = replacement {
+            st.buffers[s] = buffer;
         }
         st.slots[s] = Slot::Free;
         self.shared.free.notify_all();
         Ok(())
     }
 
-    /// The slot's tokens; valid while the caller holds it.
-    ///
-    /// # Safety
-    /// `s` must have been returned by `next_slot` and not yet released.
-    pub unsafe fn slot(&self, s: usize) -> &[i32] {
-        std::slice::from_raw_parts(self.shared.ring.slot(s), self.shared.ring.slot_len)
-    }
-
-    /// The next batch widened to int64 inputs `x` and targets `y` (each `B·T`, row-major); the
-    /// slot is released at once. Returns false at the end of a sequential pass.
-    pub fn next_into(&self, x: &mut [i64], y: &mut [i64]) -> Result<bool> {
-        let t = self.shared.windows.block();
-        let b = self.shared.sampler.batch as usize;
-        assert!(x.len() == b * t && y.len() == b * t, "x and y must hold batch_size * block_size");
-        let Some(s) = self.next_slot()? else { return Ok(false) };
-        // SAFETY: slot s is held until the release below.
-        let tokens = unsafe { self.slot(s) };
-        for ((row, xr), yr) in tokens.chunks_exact(t + 1).zip(x.chunks_exact_mut(t)).zip(y.chunks_exact_mut(t)) {
-            for (o, &v) in xr.iter_mut().zip(&row[..t]) {
-                *o = v as i64;
-            }
-            for (o, &v) in yr.iter_mut().zip(&row[1..]) {
-                *o = v as i64;
-            }
-        }
-        self.release(s)?;
-        Ok(true)
+    /// The buffer of a slot returned by `next_slot`.
+    pub fn buffer(&self, s: usize) -> Buffer {
+        self.shared.lock().buffers[s]
     }
 }
 
@@ -263,25 +275,52 @@ mod tests {
         Arc::new(Windows::new(vec![Shard::open(&path).unwrap()], block as i64).unwrap())
     }
 
+    /// Takes `n` batches as owned x vectors, handing every buffer out and replacing it.
+    fn take(p: &Prefetcher, n: usize, len: usize) -> Vec<Vec<i64>> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Some(s) = p.next_slot().unwrap() else { break };
+            // SAFETY: slot s is held; its buffer is a leaked Vec of `len` i64 (see `buffers`).
+            let got = unsafe { Vec::from_raw_parts(p.buffer(s) as *mut i64, len, len) };
+            out.push(got);
+            unsafe { p.release(s, Some(buffers(1, len)[0])).unwrap() };
+        }
+        out
+    }
+
+    fn buffers(n: usize, len: usize) -> Vec<Buffer> {
+        (0..n).map(|_| Box::leak(vec![0i64; len].into_boxed_slice()).as_mut_ptr() as Buffer).collect()
+    }
+
     #[test]
     fn batches_come_out_in_order_from_many_threads() {
         let (b, t) = (2usize, 8usize);
         let win = windows(1000, t); // 124 windows -> 62 batches
         let sampler = Sampler::new(win.len(), b as i64, 1, 0, None).unwrap();
-        let mut ring = vec![0i32; 3 * b * (t + 1)];
-        let ring_ref = unsafe { Ring::new(ring.as_mut_ptr(), 3, b * (t + 1)) };
-        let p = Prefetcher::start(Arc::clone(&win), sampler, ring_ref, 0, 4).unwrap();
-        let (mut x, mut y) = (vec![0i64; b * t], vec![0i64; b * t]);
-        let mut k = 0;
-        while p.next_into(&mut x, &mut y).unwrap() {
+        let len = Layout::Split.slot_len(b, t);
+        let p = unsafe { Prefetcher::start(Arc::clone(&win), sampler, Layout::Split, buffers(3, len), 0, 4).unwrap() };
+        let batches = take(&p, usize::MAX, len);
+        assert_eq!(batches.len(), 62);
+        for (k, xy) in batches.iter().enumerate() {
             for j in 0..b {
                 let first = ((k * b + j) * t) as i64;
-                assert_eq!(x[j * t..(j + 1) * t], (first..first + t as i64).collect::<Vec<_>>()[..]);
-                assert_eq!(y[j * t], first + 1);
+                assert_eq!(xy[j * t..(j + 1) * t], (first..first + t as i64).collect::<Vec<_>>()[..]);
+                assert_eq!(xy[b * t + j * t], first + 1, "targets are inputs shifted by one");
             }
-            k += 1;
         }
-        assert_eq!(k, 62);
+    }
+
+    #[test]
+    fn token_layout_keeps_whole_windows() {
+        let win = windows(100, 4);
+        let sampler = Sampler::new(win.len(), 2, 1, 0, None).unwrap();
+        let mut ring = vec![0i32; 2 * 10];
+        let bufs = vec![ring.as_mut_ptr() as Buffer, unsafe { ring.as_mut_ptr().add(10) } as Buffer];
+        let p = unsafe { Prefetcher::start(Arc::clone(&win), sampler, Layout::Tokens, bufs, 1, 1).unwrap() };
+        let s = p.next_slot().unwrap().unwrap();
+        assert_eq!(s, 1);
+        let got = unsafe { std::slice::from_raw_parts(p.buffer(s) as *const i32, 10) }.to_vec();
+        assert_eq!(got, vec![8, 9, 10, 11, 12, 12, 13, 14, 15, 16]); // windows 2 and 3 of batch 1
         drop(p);
         drop(ring);
     }
@@ -290,14 +329,12 @@ mod tests {
     fn resume_starts_at_the_given_batch() {
         let win = windows(500, 4);
         let sampler = Sampler::new(win.len(), 3, 2, 1, Some(9)).unwrap();
-        let mut ring = vec![0i32; 2 * 3 * 5];
-        let run = |start: u64, n: usize, ring: &mut Vec<i32>| {
-            let r = unsafe { Ring::new(ring.as_mut_ptr(), 2, 15) };
-            let p = Prefetcher::start(Arc::clone(&win), sampler, r, start, 2).unwrap();
-            let (mut x, mut y) = (vec![0i64; 12], vec![0i64; 12]);
-            (0..n).map(|_| { assert!(p.next_into(&mut x, &mut y).unwrap()); x.clone() }).collect::<Vec<_>>()
+        let len = Layout::Split.slot_len(3, 4);
+        let run = |start: u64, n: usize| {
+            let p = unsafe { Prefetcher::start(Arc::clone(&win), sampler, Layout::Split, buffers(2, len), start, 2).unwrap() };
+            take(&p, n, len)
         };
-        let full = run(0, 300, &mut ring);
-        assert_eq!(run(170, 130, &mut ring), full[170..]);
+        let full = run(0, 300);
+        assert_eq!(run(170, 130), full[170..]);
     }
 }

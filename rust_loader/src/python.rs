@@ -8,12 +8,12 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use pyo3::buffer::PyBuffer;
+use pyo3::buffer::{PyBuffer, PyUntypedBuffer};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::prefetch::{Prefetcher, Ring};
+use crate::prefetch::{Buffer, Layout, Prefetcher};
 use crate::sampler::{Sampler, Windows};
 use crate::shard::{self, Error, ErrorKind, Shard};
 
@@ -51,10 +51,10 @@ fn validate_shard(path: PathBuf) -> PyResult<u64> {
     shard::validate(&path).map_err(to_py)
 }
 
-/// Worker threads plus the ring they fill; the ring's buffer is released after the threads joined.
+/// Worker threads plus the slot buffers they fill; the buffers are released after the join.
 struct Running {
     prefetcher: Prefetcher,
-    _ring: PyBuffer<i32>,
+    held: Mutex<Vec<PyUntypedBuffer>>,
 }
 
 /// The shards, the sampling plan and (once started) the worker threads of one TokenLoader.
@@ -68,6 +68,10 @@ struct Loader {
     pid: u32,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Loader {
     fn running(&self) -> PyResult<Arc<Running>> {
         if std::process::id() != self.pid {
@@ -77,12 +81,22 @@ impl Loader {
                 std::process::id()
             )));
         }
-        let guard = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        guard.clone().ok_or_else(|| config_err("the loader is closed"))
+        lock(&self.running).clone().ok_or_else(|| config_err("the loader is closed"))
     }
 
-    fn take_running(&self) -> Option<Arc<Running>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).take()
+    /// Exports one slot's buffer, checking it holds exactly one batch in `layout`.
+    fn slot_buffer(&self, obj: &Bound<'_, PyAny>, layout: Layout) -> PyResult<(PyUntypedBuffer, Buffer)> {
+        let buf = PyUntypedBuffer::get(obj)?;
+        match layout {
+            Layout::Tokens => drop(buf.as_typed::<i32>()?),
+            Layout::Split => drop(buf.as_typed::<i64>()?),
+        }
+        let want = layout.slot_len(self.sampler.batch as usize, self.windows.block());
+        if buf.readonly() || !buf.is_c_contiguous() || buf.item_count() != want {
+            return Err(config_err(format!("a slot buffer must be writable, C-contiguous and hold {want} items")));
+        }
+        let ptr = buf.buf_ptr() as Buffer;
+        Ok((buf, ptr))
     }
 }
 
@@ -123,23 +137,23 @@ impl Loader {
         self.windows.shards().iter().map(|s| s.len() as u64).collect()
     }
 
-    /// (Re)starts the workers at `batch`, filling `ring`: a writable C-contiguous int32 buffer of
-    /// whole (batch_size, block_size + 1) slots that must not be read except through held slots.
-    fn start(&self, ring: PyBuffer<i32>, batch: u64) -> PyResult<()> {
+    /// (Re)starts the workers so that the next batch taken is `batch`. `buffers` are the ring's
+    /// slots: int32 (B, T+1) each when `split` is false (the GPU wire format), int64 (2, B, T)
+    /// (x then y) when true. The caller must not touch a slot's memory unless it holds the slot.
+    fn start(&self, buffers: Vec<Bound<'_, PyAny>>, split: bool, batch: u64) -> PyResult<()> {
         self.stop();
         if std::process::id() != self.pid {
             return Err(config_err("a loader cannot be restarted after fork(): create a new one"));
         }
-        let slot_len = self.sampler.batch as usize * (self.windows.block() + 1);
-        if ring.readonly() || !ring.is_c_contiguous() || ring.item_count() == 0 || ring.item_count() % slot_len != 0 {
-            return Err(config_err("ring must be a writable C-contiguous int32 buffer of whole slots"));
-        }
-        // SAFETY: `Running` keeps the buffer exported (alive, not resizable) until the workers
-        // have been joined, and data.py never writes to the ring.
-        let raw = unsafe { Ring::new(ring.buf_ptr().cast::<i32>(), ring.item_count() / slot_len, slot_len) };
+        let layout = if split { Layout::Split } else { Layout::Tokens };
+        let (held, ptrs): (Vec<_>, Vec<_>) =
+            buffers.iter().map(|b| self.slot_buffer(b, layout)).collect::<PyResult<Vec<_>>>()?.into_iter().unzip();
+        // SAFETY: `Running` keeps every buffer exported (alive, not resizable) until the workers
+        // are joined or the buffer is swapped out of a held slot; data.py reads held slots only.
         let prefetcher =
-            Prefetcher::start(Arc::clone(&self.windows), self.sampler, raw, batch, self.threads).map_err(to_py)?;
-        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(Running { prefetcher, _ring: ring }));
+            unsafe { Prefetcher::start(Arc::clone(&self.windows), self.sampler, layout, ptrs, batch, self.threads) }
+                .map_err(to_py)?;
+        *lock(&self.running) = Some(Arc::new(Running { prefetcher, held: Mutex::new(held) }));
         Ok(())
     }
 
@@ -148,7 +162,7 @@ impl Loader {
         if std::process::id() != self.pid {
             return;
         }
-        if let Some(running) = self.take_running() {
+        if let Some(running) = lock(&self.running).take() {
             running.prefetcher.close();
         }
     }
@@ -160,28 +174,26 @@ impl Loader {
         py.detach(|| running.prefetcher.next_slot()).map_err(to_py)
     }
 
-    /// Lets the workers refill a slot returned by `next_slot`.
+    /// Lets the workers refill a held slot.
     fn release(&self, slot: usize) -> PyResult<()> {
-        self.running()?.prefetcher.release(slot).map_err(to_py)
+        // SAFETY: no replacement buffer.
+        unsafe { self.running()?.prefetcher.release(slot, None) }.map_err(to_py)
     }
 
-    /// Waits for the next batch and writes it widened into `out`, a C-contiguous int64 buffer of
-    /// (2, batch_size, block_size): inputs then targets. All of it with the GIL released. Returns
-    /// False at the end of a sequential pass.
-    fn next_into(&self, py: Python<'_>, out: PyBuffer<i64>) -> PyResult<bool> {
+    /// Waits (GIL released) for the next batch, gives its slot `replacement` to fill from now on
+    /// and returns the slot: its previous buffer now belongs to the caller (a split-layout batch
+    /// handed out without a copy). None at the end of a sequential pass.
+    fn take(&self, py: Python<'_>, replacement: Bound<'_, PyAny>) -> PyResult<Option<usize>> {
         let running = self.running()?;
-        let n = self.sampler.batch as usize * self.windows.block();
-        if out.readonly() || !out.is_c_contiguous() || out.item_count() != 2 * n {
-            return Err(config_err("out must be a writable C-contiguous int64 buffer of (2, batch_size, block_size)"));
-        }
-        let ptr = out.buf_ptr() as usize;
-        py.detach(|| {
-            // SAFETY: `out` stays exported for this call; nothing else writes it meanwhile.
-            let all = unsafe { std::slice::from_raw_parts_mut(ptr as *mut i64, 2 * n) };
-            let (x, y) = all.split_at_mut(n);
-            running.prefetcher.next_into(x, y)
-        })
-        .map_err(to_py)
+        let (buf, ptr) = self.slot_buffer(&replacement, Layout::Split)?;
+        let Some(slot) = py.detach(|| running.prefetcher.next_slot()).map_err(to_py)? else {
+            return Ok(None);
+        };
+        let old = std::mem::replace(&mut lock(&running.held)[slot], buf);
+        // SAFETY: `held` now keeps the replacement exported for as long as the workers may use it.
+        unsafe { running.prefetcher.release(slot, Some(ptr)) }.map_err(to_py)?;
+        drop(old);
+        Ok(Some(slot))
     }
 }
 
