@@ -168,6 +168,9 @@ def prepare_shards(dataset: str = "fineweb", out: Path | str | None = None, *, n
     to parquet/jsonl/txt files or a directory of them. Stops after exactly `max_tokens` tokens when
     given. Re-running with the same arguments resumes an interrupted run, keeping verified shards.
     Raises HubUnreachableError (a FinegptError) when the Hub cannot be reached.
+
+    With workers > 1 the tokenizers are spawned processes, which re-import the calling script:
+    call this from under `if __name__ == "__main__":` (as with any multiprocessing code).
     """
     for flag, value, low in (("--shard-tokens", shard_tokens, 1), ("--max-tokens", max_tokens, 1),
                              ("--workers", workers, 1), ("--val-tokens", val_tokens, 0)):
