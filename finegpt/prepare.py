@@ -28,7 +28,7 @@ import numpy as np
 
 from finegpt import __version__
 from finegpt.console import format_table, human_bytes, human_count
-from finegpt.corpus import HUB_DATASETS, Source, open_source
+from finegpt.corpus import Source, open_source
 from finegpt.data import read_shard, write_shard
 from finegpt.errors import FinegptError
 from finegpt.tokenizer import encode_documents, gpt2_encoding, tokenizer_info
@@ -48,9 +48,10 @@ def shard_name(prefix: str, index: int) -> str:
 
 
 def default_val_tokens(source: Source, shard_tokens: int, max_tokens: int | None) -> int:
-    """FineWeb: the whole first shard, as llm.c does. Builtin and local data: about a tenth of the
-    (estimated) tokens, at most EVAL_TOKENS and one shard, so that training keeps most of a small corpus."""
-    if source.prefix in HUB_DATASETS:
+    """FineWeb: the whole first shard, as llm.c does (a tenth of max_tokens when that is less).
+    Builtin and local data: a tenth of the (estimated) tokens, at most EVAL_TOKENS and one shard, so
+    that training keeps most of a small corpus."""
+    if "hub" in source.identity:
         return shard_tokens if max_tokens is None else min(shard_tokens, max(1, max_tokens // 10))
     total = source.estimated_tokens if max_tokens is None else min(source.estimated_tokens, max_tokens)
     return max(1, min(EVAL_TOKENS, shard_tokens, total // 10))
@@ -82,7 +83,7 @@ def _describe_difference(old: dict, new: dict) -> str:
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):
                 diffs.append(f"{section}.{key}: {a.get(key)!r} there, {b.get(key)!r} now")
-    return "; ".join(diffs[:4]) or "an unreadable manifest"
+    return "; ".join(diffs[:4])
 
 
 def _open_output(out: Path, fresh: dict, overwrite: bool) -> dict:
@@ -99,12 +100,16 @@ def _open_output(out: Path, fresh: dict, overwrite: bool) -> dict:
             old = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = {}
-    same = old is not None and all(old.get(k) == fresh[k] for k in ("source", "config", "tokenizer"))
+    same = bool(old) and all(old.get(k) == fresh[k] for k in ("source", "config", "tokenizer"))
     if not same:
         existing = _shard_files(out)
         if (old is not None or existing) and not overwrite:
-            what = (f"shards from a different source or settings ({_describe_difference(old, fresh)})"
-                    if old is not None else f"{len(existing)} shard file(s) without a {MANIFEST}")
+            if old:
+                what = f"shards from a different source or settings ({_describe_difference(old, fresh)})"
+            elif old == {}:
+                what = f"an unreadable {MANIFEST}"
+            else:
+                what = f"{len(existing)} shard file(s) without a {MANIFEST}"
             raise FinegptError(f"--out {out} holds {what}. Refusing to mix them: pass --overwrite to "
                                "replace them, or choose another --out.")
         for shard in existing:
@@ -116,7 +121,7 @@ def _open_output(out: Path, fresh: dict, overwrite: bool) -> dict:
     kept = []
     for shard in old["shards"]:
         file = out / shard["name"]
-        if not file.is_file() or file.stat().st_size != 1024 + 2 * shard["tokens"] or _sha256(file) != shard["sha256"]:
+        if not file.is_file() or _sha256(file) != shard["sha256"]:
             click.echo(f"{file}: missing or changed since it was written; preparing again from there", err=True)
             old["complete"] = False
             break
@@ -284,8 +289,9 @@ class TokenCount(click.ParamType):
 @click.option("--max-tokens", type=TokenCount(), default=None, help="Stop after exactly this many tokens.")
 @click.option("--workers", type=int, default=None, help="Tokenizer processes [default: all cores].")
 @click.option("--val-tokens", type=TokenCount(), default=None,
-              help="Tokens in the validation shard [default: one whole shard for FineWeb, as llm.c; "
-                   "for builtin/local data a tenth of the estimated total, at most 10,485,760].")
+              help="Tokens in the validation shard [default: one whole shard for FineWeb, as llm.c, or a "
+                   "tenth of --max-tokens if less; for builtin/local data a tenth of the estimated total, "
+                   "at most 10,485,760].")
 @click.option("--overwrite", is_flag=True, help="Replace shards in --out that came from another source or settings.")
 def prepare_command(dataset, name, out, shard_tokens, max_tokens, workers, val_tokens, overwrite):
     """Tokenize FineWeb (or local text) into GPT-2 token shards, resumably.

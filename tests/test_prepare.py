@@ -228,6 +228,34 @@ def test_interrupted_while_reading_resumes(parquet_dir, tmp_path, monkeypatch):
     assert file_bytes(tmp_path / "cut") == file_bytes(tmp_path / "whole")
 
 
+class KillsItsWorker:
+    """Unpickling this in a tokenizer worker ends that process at once, as the OOM killer would."""
+
+    def __reduce__(self):
+        return os._exit, (9,)
+
+
+def test_killed_worker_resumes_to_same_bytes(parquet_dir, tmp_path, monkeypatch):
+    args = dict(shard_tokens=600, val_tokens=350, workers=2, progress=False)
+    prepare_shards(parquet_dir, tmp_path / "whole", **{**args, "workers": 1})
+    monkeypatch.setattr(corpus, "BATCH_DOCS", 3)
+    real_open = corpus.open_source
+
+    def source_with_a_killer(dataset, name):
+        source = real_open(dataset, name)
+        batches = source.batches
+        source.batches = lambda start: (KillsItsWorker() if i == 14 else b for i, b in enumerate(batches(start)))
+        return source
+
+    monkeypatch.setattr(prepare, "open_source", source_with_a_killer)
+    with pytest.raises(FinegptError, match="worker died.*re-run the same command"):
+        prepare_shards(parquet_dir, tmp_path / "cut", **args)
+    assert 0 < len(json.loads((tmp_path / "cut" / "manifest.json").read_text())["shards"])
+    monkeypatch.setattr(prepare, "open_source", real_open)
+    prepare_shards(parquet_dir, tmp_path / "cut", **args)
+    assert file_bytes(tmp_path / "cut") == file_bytes(tmp_path / "whole")
+
+
 def test_changed_shard_is_prepared_again(parquet_dir, tmp_path):
     args = dict(shard_tokens=500, val_tokens=300, workers=1, progress=False)
     out = tmp_path / "out"
@@ -345,8 +373,24 @@ def test_refuses_foreign_shards_without_manifest(tmp_path):
     out.mkdir()
     from finegpt.data import write_shard
     write_shard(out / "fineweb_train_000001.bin", [1, 2, 3])
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS[:3])
     with pytest.raises(FinegptError, match="without a manifest"):
-        prepare_shards(write_jsonl(tmp_path / "d.jsonl", DOCS[:3]), out, workers=1, progress=False)
+        prepare_shards(data, out, workers=1, progress=False)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(FinegptError, match="unreadable manifest.json"):
+        prepare_shards(data, out, workers=1, progress=False)
+    prepare_shards(data, out, workers=1, overwrite=True, progress=False)
+    assert not (out / "fineweb_train_000001.bin").exists()
+    assert decoded_documents(all_tokens(out)) == DOCS[:3]
+
+
+def test_local_directory_named_fineweb_is_not_the_hub(tmp_path):
+    src = tmp_path / "fineweb"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", DOCS)
+    manifest = prepare_shards(src, tmp_path / "out", shard_tokens=10_000, workers=1, progress=False)
+    assert manifest["source"]["path"] == str(src.resolve())
+    assert manifest["config"]["val_tokens"] < 10_000  # a tenth of a small local corpus, not a whole shard
 
 
 def test_user_mistakes_are_clear_errors(tmp_path):
