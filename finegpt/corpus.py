@@ -9,6 +9,7 @@ and can start at any document index: that is how an interrupted `prepare` resume
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import itertools
 import json
@@ -79,28 +80,41 @@ def _hub_unreachable(path: str, err: BaseException) -> HubUnreachableError:
     )
 
 
-def hub_batches(path: str, name: str | None, start: int = 0, *, data_files=None) -> Iterator[list]:
-    """Stream the `text` column of a Hub dataset's train split, BATCH_DOCS documents at a time.
+@contextlib.contextmanager
+def _hub_errors(path: str):
+    """Turn "cannot reach the Hub" (however datasets/huggingface_hub/requests spell it) into one error."""
+    try:
+        yield
+    except FinegptError:
+        raise
+    except Exception as err:
+        if _is_offline_error(err):
+            raise _hub_unreachable(path, err) from err
+        raise
 
-    Nothing is downloaded up front. `path="parquet", data_files=[...]` runs this same code on local
-    files (that is how it is tested without a network).
+
+def hub_stream(path: str, name: str | None, *, data_files=None) -> Callable[[int], Iterator]:
+    """Open the train split of a Hub dataset for streaming its `text` column; returns batches(start).
+
+    Opening reads only metadata (it fails here, before any output is written, when the Hub is
+    unreachable); batches stream BATCH_DOCS documents at a time, nothing is downloaded up front.
+    `path="parquet", data_files=[...]` runs this same code on local files (how it is tested offline).
     """
     try:
         import datasets
     except ImportError as err:
         raise FinegptError("streaming from the Hub needs the `datasets` package: pip install datasets") from err
-    try:
+    with _hub_errors(path):
         ds = datasets.load_dataset(path, name=name, data_files=data_files, split="train",
                                    streaming=True, columns=["text"])
-        if start:
-            ds = ds.skip(start)
-        # Arrow batches: the str conversion then happens in the tokenizer workers.
-        for table in ds.with_format("arrow").iter(batch_size=BATCH_DOCS):
-            yield table.column("text")
-    except Exception as err:
-        if _is_offline_error(err) and not isinstance(err, FinegptError):
-            raise _hub_unreachable(path, err) from err
-        raise
+
+    def batches(start: int) -> Iterator:
+        with _hub_errors(path):
+            # Arrow batches: the str conversion then happens in the tokenizer workers.
+            for table in (ds.skip(start) if start else ds).with_format("arrow").iter(batch_size=BATCH_DOCS):
+                yield table.column("text")
+
+    return batches
 
 
 def _hub_estimated_tokens(name: str) -> int | None:
@@ -113,7 +127,7 @@ def hub_source(dataset: str, name: str) -> Source:
     path = HUB_DATASETS[dataset]
     return Source(prefix=dataset, identity={"hub": path, "name": name},
                   estimated_tokens=_hub_estimated_tokens(name),
-                  batches=lambda start: hub_batches(path, name, start))
+                  batches=hub_stream(path, name))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -301,14 +301,13 @@ def test_sigint_subprocess_resumes(tmp_path):
 
 def test_hub_code_path_on_local_parquet(parquet_dir, tmp_path, monkeypatch):
     files = sorted(str(p) for p in parquet_dir.glob("*.parquet"))
-    real = corpus.hub_batches
-    streamed = [t for b in real("parquet", None, data_files=files) for t in b.to_pylist()]
-    assert streamed == DOCS
-    assert [t for b in real("parquet", None, 17, data_files=files) for t in b.to_pylist()] == DOCS[17:]
+    real = corpus.hub_stream
+    batches = real("parquet", None, data_files=files)
+    assert [t for b in batches(0) for t in b.to_pylist()] == DOCS
+    assert [t for b in batches(17) for t in b.to_pylist()] == DOCS[17:]
 
     # The whole `--dataset fineweb` path, with `datasets` pointed at the local files.
-    monkeypatch.setattr(corpus, "hub_batches",
-                        lambda path, name, start: real("parquet", None, start, data_files=files))
+    monkeypatch.setattr(corpus, "hub_stream", lambda path, name: real("parquet", None, data_files=files))
     manifest = prepare_shards("fineweb", tmp_path / "out", shard_tokens=800, workers=2, progress=False)
     assert manifest["source"] == {"hub": "HuggingFaceFW/fineweb", "name": "sample-10BT"}
     assert (tmp_path / "out" / "fineweb_val_000000.bin").exists()
@@ -325,6 +324,7 @@ def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(HubUnreachableError, match="--dataset builtin"):
         prepare_shards("fineweb", tmp_path / "out", workers=1, progress=False)
+    assert not (tmp_path / "out").exists()  # failed before writing anything
 
 
 @pytest.mark.slow
@@ -335,6 +335,7 @@ def test_hf_hub_offline_cli_message(tmp_path):
     assert proc.returncode == 1
     assert "Hugging Face Hub" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
     assert "--dataset builtin" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_builtin_offline_feeds_token_loader(tmp_path):
