@@ -28,7 +28,12 @@ import torch
 from finegpt import _loader
 from finegpt.errors import FinegptError
 
-__all__ = ["ShardError", "ShardNotFoundError", "LoaderError", "write_shard", "read_shard", "shard_paths", "TokenLoader"]
+__all__ = ["MAGIC", "VERSION", "HEADER_BYTES", "ShardError", "ShardNotFoundError", "LoaderError", "write_shard", "read_shard", "shard_paths", "TokenLoader"]
+
+# The format's constants live in rust_loader/src/shard.rs; these are re-exports.
+MAGIC: int = _loader.MAGIC
+VERSION: int = _loader.VERSION
+HEADER_BYTES: int = _loader.HEADER_BYTES
 
 STATE_FORMAT = "finegpt.TokenLoader"
 STATE_VERSION = 1
@@ -44,6 +49,18 @@ class ShardNotFoundError(ShardError, FileNotFoundError):
 
 class LoaderError(FinegptError, ValueError):
     """A bad TokenLoader argument or state_dict, or a loader used when it cannot be (closed, forked)."""
+
+
+# Incremented in every forked child, so a loader can tell it crossed a fork() without a syscall.
+_forks_seen = 0
+
+
+def _count_fork() -> None:
+    global _forks_seen
+    _forks_seen += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 def _translate(err: Exception) -> Exception:
@@ -90,7 +107,7 @@ def read_shard(path: str | os.PathLike[str]) -> np.ndarray:
         empty = np.zeros(0, dtype=np.uint16)
         empty.flags.writeable = False
         return empty
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=_loader.HEADER_BYTES, shape=(ntok,))
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
 
 def shard_paths(files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -120,7 +137,7 @@ class TokenLoader:
     files: a glob pattern, a directory (all its `*.bin`) or a list of shard paths.
     shuffle=True: endless seeded epochs (training); shuffle=False: one deterministic pass in file
     order (validation), restarted by each `iter()`. `prefetch` batches are prepared ahead by
-    `threads` Rust workers (default min(4, CPUs)). `state_dict()` records what the caller consumed.
+    `threads` Rust workers (default: one per CPU but one, at most 4). `state_dict()` records what the caller consumed.
     """
 
     def __init__(
@@ -139,10 +156,12 @@ class TokenLoader:
     ) -> None:
         self._core: Any = None  # set last, so close()/__del__ are safe if validation fails
         self._pid = os.getpid()
+        self._forks = _forks_seen
         self._paths = shard_paths(files)
         if prefetch < 1:
             raise LoaderError(f"prefetch={prefetch}: must be at least 1")
-        threads = min(4, os.cpu_count() or 1) if threads is None else threads
+        # One core stays with the training loop; beyond 4 workers outpace any GPU's appetite.
+        threads = min(4, max(1, (os.cpu_count() or 2) - 1)) if threads is None else threads
         if threads < 1:
             raise LoaderError(f"threads={threads}: must be at least 1")
         self._device = torch.device(device)
@@ -170,9 +189,10 @@ class TokenLoader:
         # it out as the batch and gives the slot a fresh one, so no copy happens on this thread.
         # CUDA: one pinned int32 (slots, B, T+1) ring (int32 on the wire, a true async DMA, FACTS
         # §9), with two extra slots for copies still in flight so `prefetch` batches stay ready.
+        self._slots: list[Any]  # CUDA: views of the pinned ring; CPU: numpy arrays (cheaper to allocate)
         if self._cuda:
-            self._ring = torch.empty((prefetch + 2, batch_size, block_size + 1), dtype=torch.int32, pin_memory=True)
-            self._slots = list(self._ring.unbind(0))
+            ring = torch.empty((prefetch + 2, batch_size, block_size + 1), dtype=torch.int32, pin_memory=True)
+            self._slots = list(ring.unbind(0))
         else:
             self._slots = [self._new_split() for _ in range(prefetch)]
         self._pending: dict[int, torch.cuda.Event] = {}  # slot -> event recorded after its copy
@@ -180,8 +200,8 @@ class TokenLoader:
         self._keep_position = False
         self._start(0)
 
-    def _new_split(self) -> torch.Tensor:
-        return torch.empty((2, self.batch_size, self.block_size), dtype=torch.int64)
+    def _new_split(self) -> np.ndarray:
+        return np.empty((2, self.batch_size, self.block_size), dtype=np.int64)
 
     # -- iteration ---------------------------------------------------------------------------
 
@@ -199,14 +219,14 @@ class TokenLoader:
             return self._next_cuda()
         fresh = self._new_split()
         try:
-            slot = self._core.take(fresh.numpy())
+            slot = self._core.take(fresh)
         except (OSError, ValueError) as err:
             raise _translate(err) from None
         if slot is None:
             raise StopIteration
         out, self._slots[slot] = self._slots[slot], fresh
         self._consumed += 1
-        return out[0], out[1]
+        return torch.from_numpy(out[0]), torch.from_numpy(out[1])
 
     def _next_cuda(self) -> tuple[torch.Tensor, torch.Tensor]:
         for slot, event in list(self._pending.items()):
@@ -299,7 +319,7 @@ class TokenLoader:
         """Restart the workers so the caller's next batch is `batch`."""
         self._wait_copies()
         try:
-            self._core.start([t.numpy() for t in self._slots], not self._cuda, batch)
+            self._core.start([t.numpy() if self._cuda else t for t in self._slots], not self._cuda, batch)
         except (OSError, ValueError) as err:
             raise _translate(err) from None
         self._consumed = batch
@@ -311,7 +331,7 @@ class TokenLoader:
         self._pending.clear()
 
     def _check_usable(self) -> None:
-        if os.getpid() != self._pid:
+        if self._forks != _forks_seen:
             raise LoaderError(
                 f"this TokenLoader was created in process {self._pid} and cannot be used after fork() "
                 f"(this is process {os.getpid()}): its threads do not exist here. Create the loader "
@@ -323,7 +343,7 @@ class TokenLoader:
     def close(self) -> None:
         """Stop and join the worker threads (idempotent)."""
         core, self._core = self._core, None
-        if core is None or os.getpid() != self._pid:
+        if core is None or self._forks != _forks_seen:
             return  # in a forked child the threads never existed; Rust leaks their state on drop
         self._wait_copies()
         core.stop()

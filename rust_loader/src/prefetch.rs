@@ -121,6 +121,10 @@ impl Shared {
                 st.next_fill += 1;
                 let s = (k % st.slots.len() as u64) as usize;
                 st.slots[s] = Slot::Filling;
+                // Release wakes one worker; if the next slot is free too, wake another for it.
+                if st.slots[(st.next_fill % st.slots.len() as u64) as usize] == Slot::Free {
+                    self.free.notify_one();
+                }
                 (k, s, st.buffers[s])
             };
             let filled = catch_unwind(AssertUnwindSafe(|| self.fill(k, buffer, &mut windows)));
@@ -241,7 +245,7 @@ impl Prefetcher {
             st.buffers[s] = buffer;
         }
         st.slots[s] = Slot::Free;
-        self.shared.free.notify_all();
+        self.shared.free.notify_one();
         Ok(())
     }
 

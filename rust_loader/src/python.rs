@@ -186,14 +186,19 @@ impl Loader {
     fn take(&self, py: Python<'_>, replacement: Bound<'_, PyAny>) -> PyResult<Option<usize>> {
         let running = self.running()?;
         let (buf, ptr) = self.slot_buffer(&replacement, Layout::Split)?;
-        let Some(slot) = py.detach(|| running.prefetcher.next_slot()).map_err(to_py)? else {
-            return Ok(None);
-        };
-        let old = std::mem::replace(&mut lock(&running.held)[slot], buf);
-        // SAFETY: `held` now keeps the replacement exported for as long as the workers may use it.
-        unsafe { running.prefetcher.release(slot, Some(ptr)) }.map_err(to_py)?;
-        drop(old);
-        Ok(Some(slot))
+        // The swap and release happen without the GIL too: waking a worker may preempt this
+        // thread, and it should not hold the GIL then. Buffers leave the closure to be dropped
+        // (un-exported) with the GIL.
+        let (slot, unused) = py.detach(move || -> Result<(Option<usize>, PyUntypedBuffer), Error> {
+            let Some(slot) = running.prefetcher.next_slot()? else { return Ok((None, buf)) };
+            let old = std::mem::replace(&mut lock(&running.held)[slot], buf);
+            // SAFETY: `held` now keeps the replacement exported for as long as the workers may use it.
+            unsafe { running.prefetcher.release(slot, Some(ptr))? };
+            Ok((Some(slot), old))
+        })
+        .map_err(to_py)?;
+        drop(unused);
+        Ok(slot)
     }
 }
 
