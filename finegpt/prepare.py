@@ -25,6 +25,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from tqdm import tqdm
 
 from finegpt import __version__
 from finegpt.console import format_table, human_bytes, human_count
@@ -45,6 +46,10 @@ TASKS_PER_WORKER = 4  # batches in flight per worker: keeps workers busy without
 
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.bin"
+
+
+def default_out(prefix: str) -> Path:
+    return Path("data") / prefix
 
 
 def default_val_tokens(source: Source, shard_tokens: int, max_tokens: int | None) -> int:
@@ -183,7 +188,7 @@ def prepare_shards(dataset: str = "fineweb", out: Path | str | None = None, *, n
             raise FinegptError(f"{flag} must be at least {low}, got {value}")
     workers = workers or len(os.sched_getaffinity(0))
     source = open_source(dataset, name)
-    out = Path(out) if out is not None else Path("data") / source.prefix
+    out = Path(out) if out is not None else default_out(source.prefix)
     if val_tokens is None:
         val_tokens = default_val_tokens(source, shard_tokens, max_tokens)
     gpt2_encoding()  # fail now, not in a worker, if the tokenizer cannot load
@@ -216,7 +221,8 @@ def prepare_shards(dataset: str = "fineweb", out: Path | str | None = None, *, n
         index, buf, fill = index + 1, None, 0
 
     total = max_tokens if max_tokens is not None else source.estimated_tokens
-    bar = _progress_bar(progress, total, written, source.prefix)
+    bar = tqdm(total=total, initial=written, desc=source.prefix, unit="tok", unit_scale=True,
+               disable=not progress, dynamic_ncols=True, smoothing=0.1)
     document, skip = start["document"], start["offset"]
     try:
         with closing(_tokenized(source.batches(document), workers)) as results:
@@ -247,13 +253,6 @@ def prepare_shards(dataset: str = "fineweb", out: Path | str | None = None, *, n
     _summarize(manifest)
     _write_manifest(out, manifest)
     return manifest
-
-
-def _progress_bar(enabled: bool, total: int | None, initial: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="tok", unit_scale=True, disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
 
 
 class TokenCount(click.ParamType):
@@ -291,7 +290,7 @@ class TokenCount(click.ParamType):
 @click.option("--val-tokens", type=TokenCount(), default=None,
               help="Tokens in the validation shard [default: one whole shard for FineWeb, as llm.c, or a "
                    "tenth of --max-tokens if less; for builtin/local data a tenth of the estimated total, "
-                   "at most 10,485,760].")
+                   "at most 10,485,760; 0 for no validation shard].")
 @click.option("--overwrite", is_flag=True, help="Replace shards in --out that came from another source or settings.")
 def prepare_command(dataset, name, out, shard_tokens, max_tokens, workers, val_tokens, overwrite):
     """Tokenize FineWeb (or local text) into GPT-2 token shards, resumably.
@@ -308,7 +307,7 @@ def prepare_command(dataset, name, out, shard_tokens, max_tokens, workers, val_t
         raise SystemExit(130) from None
     seconds = time.perf_counter() - started
     totals = manifest["totals"]
-    out = Path(out) if out is not None else Path("data") / manifest["config"]["prefix"]
+    out = out if out is not None else default_out(manifest["config"]["prefix"])
     click.echo(f"{out}: {totals['shards']} shards, {human_count(totals['tokens'])} tokens "
                f"({human_count(totals['val_tokens'])} val, {human_count(totals['train_tokens'])} train) "
                f"from {human_count(totals['documents'])} documents; {seconds:.1f} s")
