@@ -19,7 +19,7 @@ import click
 
 from finegpt import __version__
 from finegpt.bench.result import Chart, SectionResult
-from finegpt.console import format_table
+from finegpt.console import format_table, human_count
 from finegpt.errors import FinegptError
 
 SCHEMA_VERSION = 1
@@ -366,7 +366,7 @@ def write_charts(section: dict[str, Any], out_dir: Path) -> str | None:
                 if label not in values:
                     continue
                 # measured without a figure (e.g. out of memory) shows as n/a at the axis
-                text = "n/a" if h is None else format_value(h)
+                text = "n/a" if h is None else (human_count(h) if abs(h) >= 1e4 else format_value(h))
                 ax.annotate(text, (bar.get_x() + bar.get_width() / 2, h or 0), ha="center", va="bottom", fontsize=7)
         positive = [v for values in series.values() for v in values.values() if v]
         if positive and max(positive) / min(positive) > 100:
