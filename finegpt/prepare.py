@@ -14,7 +14,6 @@ import json
 import multiprocessing
 import os
 import re
-import signal
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from finegpt.console import format_table, human_bytes, human_count
 from finegpt.corpus import Source, open_source
 from finegpt.data import read_shard, write_shard
 from finegpt.errors import FinegptError
-from finegpt.tokenizer import encode_documents, gpt2_encoding, tokenizer_info
+from finegpt.tokenizer import encode_documents, gpt2_encoding, tokenizer_info, worker_initializer
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "finegpt-shards/1"
@@ -151,9 +150,10 @@ def _tokenized(batches: Iterator, workers: int) -> Iterator[tuple[np.ndarray, np
             yield encode_documents(batch)
         return
     # spawn, not fork: the parent may hold threads (Rust loader, tqdm, datasets) that fork would copy
-    # mid-operation. Workers ignore SIGINT so Ctrl-C reaches only the parent, which stops them.
+    # mid-operation.
+    initializer, initargs = worker_initializer()
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+                               initializer=initializer, initargs=initargs)
     pending = deque()
     try:
         for batch in batches:

@@ -8,10 +8,11 @@ resort. The result is the identical Encoding: same merges, pattern, special toke
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
+import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,16 @@ def _local_candidates() -> list[dict[str, Path]]:
     return candidates
 
 
+def _from_ranks(ranks: dict[bytes, int]) -> tiktoken.Encoding:
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT},
+        explicit_n_vocab=N_VOCAB,
+    )
+
+
 def _from_files(files: dict[str, Path]) -> tiktoken.Encoding:
     """The gpt2 Encoding from local copies whose hashes the caller has checked."""
     # With its cache enabled, tiktoken would copy every local file it reads into the cache (and
@@ -87,21 +98,37 @@ def _from_files(files: dict[str, Path]) -> tiktoken.Encoding:
             del os.environ["TIKTOKEN_CACHE_DIR"]
         else:
             os.environ["TIKTOKEN_CACHE_DIR"] = saved
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={ENDOFTEXT: EOT},
-        explicit_n_vocab=N_VOCAB,
-    )
+    return _from_ranks(ranks)
 
 
-@functools.cache
+_ENCODING: tiktoken.Encoding | None = None  # built once per process
+
+
 def gpt2_encoding() -> tiktoken.Encoding:
     """tiktoken's GPT-2 encoding, built from local files when any verified copy exists.
 
     Raises FinegptError when no local copy passes its sha256 check and the download fails.
     """
+    global _ENCODING
+    if _ENCODING is None:
+        _ENCODING = _load()
+    return _ENCODING
+
+
+def _start_worker(mergeable_ranks: dict[bytes, int]) -> None:
+    global _ENCODING
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ENCODING = _from_ranks(mergeable_ranks)
+
+
+def worker_initializer() -> tuple[Callable, tuple]:
+    """(initializer, initargs) for a process pool running encode_documents: each worker gets this
+    process's verified merges (10x faster than parsing the files again) and leaves Ctrl-C to the
+    parent, which stops the workers itself."""
+    return _start_worker, (gpt2_encoding()._mergeable_ranks,)
+
+
+def _load() -> tiktoken.Encoding:
     rejected = []
     for files in _local_candidates():
         if not all(path.is_file() for path in files.values()):

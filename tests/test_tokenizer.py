@@ -51,9 +51,8 @@ def reference(tmp_path, monkeypatch):
 @pytest.fixture
 def fresh(monkeypatch):
     """gpt2_encoding() rebuilt from scratch for this test."""
-    tokenizer.gpt2_encoding.cache_clear()
-    yield tokenizer.gpt2_encoding
-    tokenizer.gpt2_encoding.cache_clear()
+    monkeypatch.setattr(tokenizer, "_ENCODING", None)
+    return tokenizer.gpt2_encoding
 
 
 def test_known_ids(fresh):
