@@ -114,7 +114,6 @@ def measure(make_trainer, steps: int, burn_in: int, cuda: bool) -> dict:
     the allocation that failed (a lower bound)}. Frees the trainer either way.
     """
     trainer = None
-    outcome: dict
     try:
         _free(cuda)
         trainer = make_trainer()
@@ -141,8 +140,7 @@ def measure(make_trainer, steps: int, burn_in: int, cuda: bool) -> dict:
             raise
         needed = None
         if cuda:
-            held = max(torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated() + _tried_bytes(str(err)))
-            needed = held
+            needed = max(torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated() + _tried_bytes(str(err)))
         outcome = {"status": "OOM", "needed_bytes": needed, "message": str(err).splitlines()[0][:200]}
     finally:
         if trainer is not None:
@@ -153,11 +151,10 @@ def measure(make_trainer, steps: int, burn_in: int, cuda: bool) -> dict:
 
 
 def write_synthetic_shards(directory: Path, tokens: int, seed: int = 0) -> None:
-    """Random GPT-2 token ids: a train shard big enough for every path, and a small val shard."""
+    """A train shard of random GPT-2 token ids, big enough for every path's steps (no evaluation here)."""
     from finegpt.data import write_shard
 
     rng = np.random.default_rng(seed)
-    write_shard(directory / "bench_val_000000.bin", rng.integers(0, 50257, 65_536, dtype=np.uint16))
     write_shard(directory / "bench_train_000001.bin", rng.integers(0, 50257, tokens, dtype=np.uint16))
 
 
