@@ -71,8 +71,9 @@ def _is_offline_error(err: BaseException) -> bool:
 
 
 def _hub_unreachable(path: str, err: BaseException) -> HubUnreachableError:
-    why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") \
-        else f"{type(err).__name__}: {err}"
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+               if os.environ.get(v, "0").lower() not in ("0", "", "false", "no", "off")]
+    why = f"{offline[0]} is set" if offline else f"{type(err).__name__}: {err}"
     return HubUnreachableError(
         f"cannot reach the Hugging Face Hub to stream {path} ({why}). Without a network, use "
         "`--dataset builtin` (the Python documentation corpus) or `--dataset PATH` with local "
@@ -294,15 +295,13 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "_
 
 
 def _docstrings(source: bytes) -> str:
-    """A module's docstrings (module, then its classes and functions in source order), one text."""
+    """A module's docstrings (the module's, then its classes' and functions' in source order), one text."""
     tree = ast.parse(source)
-    parts = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc:
-                parts.append(doc)
-    return "\n\n".join(parts)
+    defs = sorted((node for node in ast.walk(tree)
+                   if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))),
+                  key=lambda node: node.lineno)
+    docs = (ast.get_docstring(node) for node in [tree, *defs])
+    return "\n\n".join(doc for doc in docs if doc)
 
 
 @functools.cache
