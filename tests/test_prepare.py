@@ -449,3 +449,26 @@ def test_shards_command_lists_validates_decodes(parquet_dir, tmp_path):
     (tmp_path / "nothing").mkdir()
     result = run_cli("shards", tmp_path / "nothing")
     assert result.exit_code == 1 and "no .bin shard files" in result.output
+
+
+def test_builtin_corpus_is_python_docs_read_without_imports():
+    sys.modules.pop("antigravity", None)  # importing it would open a web browser
+    docs = corpus.builtin_documents.__wrapped__()
+    assert docs == corpus.builtin_documents.__wrapped__()  # deterministic order
+    from pydoc_data.topics import topics
+    assert list(docs[:len(topics)]) == [topics[k] for k in sorted(topics)]
+    import json as json_module
+    assert any(d.startswith(json_module.__doc__.strip()[:60]) for d in docs[len(topics):])
+    assert "antigravity" not in sys.modules
+    assert sum(len(d) for d in docs) > 1_500_000  # ~0.5M GPT-2 tokens of prose
+
+
+def test_default_val_tokens():
+    hub = corpus.Source("fineweb", {"hub": "HuggingFaceFW/fineweb", "name": "sample-10BT"}, 10**10, None)
+    local = corpus.Source("mine", {"path": "/x"}, 600_000, None)
+    assert prepare.default_val_tokens(hub, 10**8, None) == 10**8  # llm.c: the whole first shard
+    assert prepare.default_val_tokens(hub, 10**8, 10**8) == 10**7  # a small run still gets train tokens
+    assert prepare.default_val_tokens(local, 10**8, None) == 60_000
+    assert prepare.default_val_tokens(local, 10_000, None) == 10_000
+    big = corpus.Source("mine", {"path": "/x"}, 10**10, None)
+    assert prepare.default_val_tokens(big, 10**8, None) == prepare.EVAL_TOKENS
