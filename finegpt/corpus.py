@@ -59,8 +59,10 @@ class Source:
 
 def _is_offline_error(err: BaseException) -> bool:
     """True when `err` (or what caused it) means the network or the Hub is unreachable."""
-    offline_names = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "ConnectTimeout",
-                     "ReadTimeout", "Timeout", "NameResolutionError", "MaxRetryError"}
+    # requests', urllib3's and httpx's network errors do not all derive from the builtin ones.
+    offline_names = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError",
+                     "ConnectTimeout", "ReadTimeout", "Timeout", "NameResolutionError", "NewConnectionError",
+                     "MaxRetryError", "ProxyError"}
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))

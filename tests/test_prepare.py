@@ -318,11 +318,24 @@ def test_hub_code_path_on_local_parquet(parquet_dir, tmp_path, monkeypatch):
     np.testing.assert_array_equal(all_tokens(tmp_path / "out"), expected_tokens(DOCS))
 
 
-def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
+def _requests_error():
+    import requests
+    return requests.exceptions.ConnectionError("Max retries exceeded: Name or service not known")
+
+
+def _hub_offline_error():
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    return OfflineModeIsEnabled("offline mode is enabled")
+
+
+@pytest.mark.parametrize("make_error", [
+    lambda: ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb' on the Hub (LocalEntryNotFoundError)"),
+    _requests_error, _hub_offline_error])
+def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch, make_error):
     datasets = pytest.importorskip("datasets")
 
     def offline(*args, **kwargs):
-        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb' on the Hub (LocalEntryNotFoundError)")
+        raise make_error()
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(HubUnreachableError, match="--dataset builtin"):
@@ -331,6 +344,18 @@ def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_other_hub_failures_are_not_called_offline(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def broken(*args, **kwargs):
+        raise ValueError("BuilderConfig has no key 'columns'")
+
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    with pytest.raises(ValueError, match="columns") as info:
+        prepare_shards("fineweb", tmp_path / "out", workers=1, progress=False)
+    assert not isinstance(info.value, HubUnreachableError)
+
+
 def test_hf_hub_offline_cli_message(tmp_path):
     pytest.importorskip("datasets")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
