@@ -33,6 +33,21 @@ from kernels.cross_entropy import (
 )
 
 CHUNK_BYTES = 256 * 2**20
+# torch.mm(a, b, out_dtype=torch.float32) for bf16/fp16 inputs (CUDA only, recent torch).
+_MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b returned in the accumulation dtype (fp32 for bf16), rounded once at the very end of
+    the sum over chunks rather than once per chunk. CPU: bf16 GEMMs are slow there anyway."""
+    acc = _backend.acc_dtype(a.dtype)
+    if a.dtype == acc:
+        return a @ b
+    if not a.is_cuda:
+        return a.to(acc) @ b.to(acc)
+    if _MM_FP32_OUT:
+        return torch.mm(a, b, out_dtype=acc)
+    return (a @ b).to(acc)
 
 
 def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype) -> int:
@@ -46,14 +61,15 @@ def _chunked(
     row_scale: Optional[Tensor], chunk_size: int, compute_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row losses, and with row_scale (0-d or (N,)) the gradients of sum(row_scale * loss):
-    (loss, d_hidden, d_weight, d_bias); gradients are empty tensors when row_scale is None."""
+    (loss, d_hidden, d_weight, d_bias), all in fp32 (fp64 for fp64 inputs) so each is rounded to
+    its parameter's dtype once; gradients are empty tensors when row_scale is None."""
     n_rows = hidden.shape[0]
     h = hidden.to(compute_dtype)
     w = weight.to(compute_dtype)
     b = bias.to(compute_dtype) if bias is not None else None
     grads = row_scale is not None
     loss = torch.empty(n_rows, dtype=_backend.acc_dtype(compute_dtype), device=hidden.device)
-    d_hidden = torch.empty_like(hidden) if grads else hidden.new_empty(0)
+    d_hidden = torch.empty(hidden.shape, dtype=loss.dtype, device=hidden.device) if grads else hidden.new_empty(0)
     d_weight = torch.zeros(weight.shape, dtype=_backend.acc_dtype(weight.dtype), device=weight.device) if grads else weight.new_empty(0)
     d_bias = (
         torch.zeros(bias.shape, dtype=d_weight.dtype, device=bias.device) if grads and bias is not None else weight.new_empty(0)
@@ -68,11 +84,11 @@ def _chunked(
         loss[start:end] = cross_entropy_rows(logits, targets[start:end], ignore_index, scale, logits if grads else None)
         if grads:
             # logits now hold d(loss)/d(logits) of this chunk.
-            d_hidden[start:end] = logits @ w
-            d_weight += (logits.t() @ h_c).to(d_weight.dtype)
+            d_hidden[start:end] = _mm_acc(logits, w)
+            d_weight += _mm_acc(logits.t(), h_c)
             if bias is not None:
                 d_bias += logits.sum(0, dtype=d_bias.dtype)
-    return loss, d_hidden, d_weight.to(weight.dtype), d_bias.to(weight.dtype) if bias is not None else d_bias
+    return loss, d_hidden, d_weight, d_bias
 
 
 def _compute_dtype(hidden: Tensor) -> torch.dtype:
@@ -86,8 +102,9 @@ def linear_cross_entropy_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int,
     reduction: str, chunk_size: int, compute_dtype: torch.dtype, compute_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, d_hidden, d_weight, d_bias) for grad_output = 1; the gradients are empty tensors when
-    not compute_grad or for reduction="none" (its backward recomputes them)."""
+    """(loss, d_hidden, d_weight, d_bias) for grad_output = 1, still in fp32 so the backward's
+    scaling rounds once; the gradients are empty tensors when not compute_grad or
+    for reduction="none" (its backward recomputes them)."""
     scale = reduction_scale(targets, ignore_index, reduction, _backend.acc_dtype(compute_dtype))
     with torch.autocast(hidden.device.type, enabled=False):
         loss, d_hidden, d_weight, d_bias = _chunked(
@@ -127,11 +144,12 @@ def _lce_fwd_op(
 def _(hidden, weight, bias, targets, ignore_index, reduction, chunk_size, compute_dtype, compute_grad):
     loss = hidden.new_empty(hidden.shape[0] if reduction == "none" else (), dtype=_backend.acc_dtype(compute_dtype))
     grads = compute_grad and reduction != "none"
+    acc = _backend.acc_dtype(weight.dtype)
     return (
         loss,
-        hidden.new_empty(hidden.shape if grads else 0),
-        weight.new_empty(weight.shape if grads else 0),
-        weight.new_empty(bias.shape if grads and bias is not None else 0),
+        hidden.new_empty(hidden.shape if grads else 0, dtype=_backend.acc_dtype(compute_dtype)),
+        weight.new_empty(weight.shape if grads else 0, dtype=acc),
+        weight.new_empty(bias.shape if grads and bias is not None else 0, dtype=acc),
     )
 
 
@@ -166,6 +184,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(d_hidden, d_weight, d_bias)
         ctx.args = (ignore_index, reduction, chunk_size, compute_dtype, bias is not None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else weight.dtype)
         return loss
 
     @staticmethod
@@ -177,7 +196,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_output, hidden, weight, bias, targets, ignore_index, chunk_size, compute_dtype
             )
         else:
-            d_hidden, d_weight, d_bias = (g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
+            # Scale in fp32, then round once to each parameter's dtype.
+            d_hidden, d_weight, d_bias = ((g * grad_output).to(dt) for g, dt in zip(ctx.saved_tensors, ctx.dtypes))
         return d_hidden, d_weight, None, (d_bias if has_bias else None), None, None, None, None
 
 
