@@ -186,7 +186,8 @@ def prepare_shards(dataset: str = "fineweb", out: Path | str | None = None, *, n
                              ("--workers", workers, 1), ("--val-tokens", val_tokens, 0)):
         if value is not None and value < low:
             raise FinegptError(f"{flag} must be at least {low}, got {value}")
-    workers = workers or len(os.sched_getaffinity(0))
+    if workers is None:  # the cores this process may use (sched_getaffinity does not exist on macOS)
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     source = open_source(dataset, name)
     out = Path(out) if out is not None else default_out(source.prefix)
     if val_tokens is None:
