@@ -21,6 +21,9 @@ from kernels._backend import tl, triton
 # GPT widths (C = 384..1024) without spilling registers.
 _TILE = 4096
 _NUM_WARPS = 8
+# Backward programs per SM: each keeps a (BLOCK_R, BLOCK_C) dW/dB accumulator; the partials
+# buffer (programs x C fp32) stays small next to the activations.
+_BWD_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -159,7 +162,7 @@ def layer_norm_backward(
         return dx.to(x.dtype), dw, db
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     block_r, block_c = _tile(C)
-    n_programs = min(triton.cdiv(n_rows, block_r), _backend.program_count(x, per_sm=8))
+    n_programs = min(triton.cdiv(n_rows, block_r), _backend.program_count(x, per_sm=_BWD_PROGRAMS_PER_SM))
     dw_partial = torch.empty(n_programs, C, dtype=acc, device=x.device)
     db_partial = torch.empty_like(dw_partial) if has_bias else dw_partial
     _layer_norm_bwd_kernel[(n_programs,)](
