@@ -313,7 +313,7 @@ def test_fork_child_gets_a_clear_error(shards):
 def test_next_releases_the_gil_while_it_waits(tmp_path):
     """A Python thread counts while the main thread blocks in next() on slow (big) batches."""
     path = tmp_path / "big.bin"
-    write_shard(path, np.zeros(600_000, dtype=np.uint16))
+    write_shard(path, np.zeros(2_200_000, dtype=np.uint16))
     counter = [0]
     stop = threading.Event()
 
@@ -331,9 +331,9 @@ def test_next_releases_the_gil_while_it_waits(tmp_path):
         thread.start()
         time.sleep(0.05)
         solo_rate = counter[0] / 0.05  # roughly: the thread alone, while main sleeps
-        with TokenLoader(path, 64, 8192, threads=1, prefetch=1) as loader:
+        with TokenLoader(path, 256, 8192, threads=1, prefetch=1) as loader:
             blocked, counted = 0.0, 0
-            for _ in range(5):  # one slot: each next() waits for a whole 8 MB batch to be filled
+            for _ in range(4):  # one slot: each next() waits for a whole 32 MB batch to be filled
                 before, t0 = counter[0], time.perf_counter()
                 next(loader)
                 blocked += time.perf_counter() - t0

@@ -242,7 +242,7 @@ def run(quick: bool = False, device: str | None = "cpu", shard_path: Path | None
         headline["gpu_step_overhead_us"] = overhead
         notes.append(
             "gpu_step_overhead_us: time TokenLoader adds to a step of ~1 ms of queued matmuls that read "
-            "the batch (pinned ring, copy on a side stream): near 0 when copy and compute overlap."
+            "the batch (pinned int32 ring, one async copy and one widening kernel per batch)."
         )
     if ntok < FULL_TOKENS:
         notes.append(f"quick mode: a {ntok / 1e6:.0f}M-token shard instead of 100M, {rounds} rounds of {window_s} s.")

@@ -14,22 +14,19 @@ use std::thread::JoinHandle;
 use crate::sampler::{Sampler, Windows};
 use crate::shard::{Error, ErrorKind, Result};
 
-/// How a slot's buffer holds one batch of `B` windows of `T+1` tokens.
+/// How a slot's buffer holds one batch: inputs x then targets y, each `(B, T)` row-major.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Layout {
-    /// int32 `(B, T+1)`: what goes over the wire to a GPU, sliced into x and y there.
-    Tokens,
-    /// int64 `(2, B, T)`: inputs then targets, ready to be handed out as CPU tensors.
-    Split,
+    /// int32: what goes over the wire to a GPU in one contiguous copy, widened there.
+    Int32,
+    /// int64: handed out as CPU tensors as is.
+    Int64,
 }
 
 impl Layout {
     /// Elements of one slot's buffer.
     pub fn slot_len(self, batch: usize, block: usize) -> usize {
-        match self {
-            Layout::Tokens => batch * (block + 1),
-            Layout::Split => 2 * batch * block,
-        }
+        2 * batch * block
     }
 }
 
@@ -75,29 +72,24 @@ impl Shared {
         self.sampler.batch_windows(k, windows);
         let (b, t) = (self.sampler.batch as usize, self.windows.block());
         let len = self.layout.slot_len(b, t);
+        // SAFETY: the slot is Filling, so this thread is its buffer's only user.
         match self.layout {
-            Layout::Tokens => {
-                // SAFETY: the slot is Filling, so this thread is its buffer's only user.
-                let dst = unsafe { std::slice::from_raw_parts_mut(buffer as *mut i32, len) };
-                for (row, &w) in dst.chunks_exact_mut(t + 1).zip(windows.iter()) {
-                    for (o, &v) in row.iter_mut().zip(self.windows.window(w)) {
-                        *o = v as i32;
-                    }
-                }
+            Layout::Int32 => self.fill_xy(unsafe { std::slice::from_raw_parts_mut(buffer as *mut i32, len) }, windows),
+            Layout::Int64 => self.fill_xy(unsafe { std::slice::from_raw_parts_mut(buffer as *mut i64, len) }, windows),
+        }
+    }
+
+    /// Writes window j's first T tokens to row j of x and its last T to row j of y.
+    fn fill_xy<E: From<u16>>(&self, dst: &mut [E], windows: &[u64]) {
+        let t = self.windows.block();
+        let (x, y) = dst.split_at_mut(dst.len() / 2);
+        for ((xr, yr), &w) in x.chunks_exact_mut(t).zip(y.chunks_exact_mut(t)).zip(windows) {
+            let win = self.windows.window(w);
+            for (o, &v) in xr.iter_mut().zip(&win[..t]) {
+                *o = E::from(v);
             }
-            Layout::Split => {
-                // SAFETY: as above.
-                let dst = unsafe { std::slice::from_raw_parts_mut(buffer as *mut i64, len) };
-                let (x, y) = dst.split_at_mut(b * t);
-                for ((xr, yr), &w) in x.chunks_exact_mut(t).zip(y.chunks_exact_mut(t)).zip(windows.iter()) {
-                    let win = self.windows.window(w);
-                    for (o, &v) in xr.iter_mut().zip(&win[..t]) {
-                        *o = v as i64;
-                    }
-                    for (o, &v) in yr.iter_mut().zip(&win[1..]) {
-                        *o = v as i64;
-                    }
-                }
+            for (o, &v) in yr.iter_mut().zip(&win[1..]) {
+                *o = E::from(v);
             }
         }
     }
@@ -301,8 +293,8 @@ mod tests {
         let (b, t) = (2usize, 8usize);
         let win = windows(1000, t); // 124 windows -> 62 batches
         let sampler = Sampler::new(win.len(), b as i64, 1, 0, None).unwrap();
-        let len = Layout::Split.slot_len(b, t);
-        let p = unsafe { Prefetcher::start(Arc::clone(&win), sampler, Layout::Split, buffers(3, len), 0, 4).unwrap() };
+        let len = Layout::Int64.slot_len(b, t);
+        let p = unsafe { Prefetcher::start(Arc::clone(&win), sampler, Layout::Int64, buffers(3, len), 0, 4).unwrap() };
         let batches = take(&p, usize::MAX, len);
         assert_eq!(batches.len(), 62);
         for (k, xy) in batches.iter().enumerate() {
@@ -315,16 +307,17 @@ mod tests {
     }
 
     #[test]
-    fn token_layout_keeps_whole_windows() {
+    fn int32_layout_holds_x_then_y() {
         let win = windows(100, 4);
         let sampler = Sampler::new(win.len(), 2, 1, 0, None).unwrap();
-        let mut ring = vec![0i32; 2 * 10];
-        let bufs = vec![ring.as_mut_ptr() as Buffer, unsafe { ring.as_mut_ptr().add(10) } as Buffer];
-        let p = unsafe { Prefetcher::start(Arc::clone(&win), sampler, Layout::Tokens, bufs, 1, 1).unwrap() };
+        let mut ring = vec![0i32; 2 * 16];
+        let bufs = vec![ring.as_mut_ptr() as Buffer, unsafe { ring.as_mut_ptr().add(16) } as Buffer];
+        let p = unsafe { Prefetcher::start(Arc::clone(&win), sampler, Layout::Int32, bufs, 1, 1).unwrap() };
         let s = p.next_slot().unwrap().unwrap();
         assert_eq!(s, 1);
-        let got = unsafe { std::slice::from_raw_parts(p.buffer(s) as *const i32, 10) }.to_vec();
-        assert_eq!(got, vec![8, 9, 10, 11, 12, 12, 13, 14, 15, 16]); // windows 2 and 3 of batch 1
+        let got = unsafe { std::slice::from_raw_parts(p.buffer(s) as *const i32, 16) }.to_vec();
+        // Windows 2 and 3 of batch 1: tokens 8..=12 and 12..=16.
+        assert_eq!(got, vec![8, 9, 10, 11, 12, 13, 14, 15, 9, 10, 11, 12, 13, 14, 15, 16]);
         drop(p);
         drop(ring);
     }
@@ -333,9 +326,9 @@ mod tests {
     fn resume_starts_at_the_given_batch() {
         let win = windows(500, 4);
         let sampler = Sampler::new(win.len(), 3, 2, 1, Some(9)).unwrap();
-        let len = Layout::Split.slot_len(3, 4);
+        let len = Layout::Int64.slot_len(3, 4);
         let run = |start: u64, n: usize| {
-            let p = unsafe { Prefetcher::start(Arc::clone(&win), sampler, Layout::Split, buffers(2, len), start, 2).unwrap() };
+            let p = unsafe { Prefetcher::start(Arc::clone(&win), sampler, Layout::Int64, buffers(2, len), start, 2).unwrap() };
             take(&p, n, len)
         };
         let full = run(0, 300);

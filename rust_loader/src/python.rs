@@ -88,8 +88,8 @@ impl Loader {
     fn slot_buffer(&self, obj: &Bound<'_, PyAny>, layout: Layout) -> PyResult<(PyUntypedBuffer, Buffer)> {
         let buf = PyUntypedBuffer::get(obj)?;
         match layout {
-            Layout::Tokens => drop(buf.as_typed::<i32>()?),
-            Layout::Split => drop(buf.as_typed::<i64>()?),
+            Layout::Int32 => drop(buf.as_typed::<i32>()?),
+            Layout::Int64 => drop(buf.as_typed::<i64>()?),
         }
         let want = layout.slot_len(self.sampler.batch as usize, self.windows.block());
         if buf.readonly() || !buf.is_c_contiguous() || buf.item_count() != want {
@@ -138,14 +138,14 @@ impl Loader {
     }
 
     /// (Re)starts the workers so that the next batch taken is `batch`. `buffers` are the ring's
-    /// slots: int32 (B, T+1) each when `split` is false (the GPU wire format), int64 (2, B, T)
-    /// (x then y) when true. The caller must not touch a slot's memory unless it holds the slot.
-    fn start(&self, buffers: Vec<Bound<'_, PyAny>>, split: bool, batch: u64) -> PyResult<()> {
+    /// slots, each (2, B, T): x then y, int64 when `int64` is true, else int32 (the GPU wire
+    /// format). The caller must not touch a slot's memory unless it holds the slot.
+    fn start(&self, buffers: Vec<Bound<'_, PyAny>>, int64: bool, batch: u64) -> PyResult<()> {
         self.stop();
         if std::process::id() != self.pid {
             return Err(config_err("a loader cannot be restarted after fork(): create a new one"));
         }
-        let layout = if split { Layout::Split } else { Layout::Tokens };
+        let layout = if int64 { Layout::Int64 } else { Layout::Int32 };
         let (held, ptrs): (Vec<_>, Vec<_>) =
             buffers.iter().map(|b| self.slot_buffer(b, layout)).collect::<PyResult<Vec<_>>>()?.into_iter().unzip();
         // SAFETY: `Running` keeps every buffer exported (alive, not resizable) until the workers
@@ -181,11 +181,11 @@ impl Loader {
     }
 
     /// Waits (GIL released) for the next batch, gives its slot `replacement` to fill from now on
-    /// and returns the slot: its previous buffer now belongs to the caller (a split-layout batch
+    /// and returns the slot: its previous buffer now belongs to the caller (an int64 batch
     /// handed out without a copy). None at the end of a sequential pass.
     fn take(&self, py: Python<'_>, replacement: Bound<'_, PyAny>) -> PyResult<Option<usize>> {
         let running = self.running()?;
-        let (buf, ptr) = self.slot_buffer(&replacement, Layout::Split)?;
+        let (buf, ptr) = self.slot_buffer(&replacement, Layout::Int64)?;
         // The swap and release happen without the GIL too: waking a worker may preempt this
         // thread, and it should not hold the GIL then. Buffers leave the closure to be dropped
         // (un-exported) with the GIL.
