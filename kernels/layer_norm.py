@@ -105,6 +105,10 @@ def _tile(C: int) -> tuple[int, int]:
     return max(1, _TILE // block_c), block_c
 
 
+def _out_dtype(x: Tensor, residual: Optional[Tensor]) -> torch.dtype:
+    return torch.result_type(x, residual) if residual is not None else x.dtype
+
+
 def _as_rows(t: Tensor) -> Tensor:
     """(..., C) -> (N, C) with unit column stride, copying only when a view cannot do it."""
     rows = t.reshape(-1, t.shape[-1])
@@ -114,9 +118,11 @@ def _as_rows(t: Tensor) -> Tensor:
 def layer_norm_forward(
     x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x, residual: (N, C) rows. Returns (y, s, mean, rstd); s = x + residual, or empty without one."""
+    """x, residual: (N, C) rows. Returns (y, s, mean, rstd); s = x + residual, or empty without one.
+    y and s take the dtype of x + residual (a bf16 branch added to an fp32 stream stays fp32)."""
     n_rows, C = x.shape
-    stat_dtype = _backend.acc_dtype(x.dtype)
+    out_dtype = _out_dtype(x, residual)
+    stat_dtype = _backend.acc_dtype(out_dtype)
     if not _backend.use_triton(x):
         s = x + residual if residual is not None else x.new_empty(0)
         xf = (s if residual is not None else x).to(stat_dtype)
@@ -125,8 +131,8 @@ def layer_norm_forward(
         y = (xf - mean[:, None]) * rstd[:, None] * weight.to(stat_dtype)
         if bias is not None:
             y = y + bias.to(stat_dtype)
-        return y.to(x.dtype), s, mean, rstd
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return y.to(out_dtype), s, mean, rstd
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     s = torch.empty_like(y) if residual is not None else x.new_empty(0)
     mean = torch.empty(n_rows, dtype=stat_dtype, device=x.device)
     rstd = torch.empty_like(mean)
@@ -137,7 +143,7 @@ def layer_norm_forward(
         mean, rstd,
         x.stride(0), r.stride(0), y.stride(0), C, n_rows, C, eps,
         HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_R=block_r, BLOCK_C=block_c, ACC=_backend.tl_dtype(x.dtype), num_warps=_NUM_WARPS,
+        BLOCK_R=block_r, BLOCK_C=block_c, ACC=_backend.tl_dtype(out_dtype), num_warps=_NUM_WARPS,
     )
     return y, s, mean, rstd
 
@@ -189,9 +195,10 @@ def _layer_norm_fwd_op(
 
 @_layer_norm_fwd_op.register_fake
 def _(x, residual, weight, bias, eps):
-    stats = x.new_empty(x.shape[0], dtype=_backend.acc_dtype(x.dtype))
-    s = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
-    return x.new_empty(x.shape), s, stats, torch.empty_like(stats)
+    out_dtype = _out_dtype(x, residual)
+    stats = x.new_empty(x.shape[0], dtype=_backend.acc_dtype(out_dtype))
+    s = x.new_empty(x.shape, dtype=out_dtype) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape, dtype=out_dtype), s, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("finegpt::layer_norm_bwd", mutates_args=())
@@ -219,6 +226,7 @@ class LayerNormFunction(torch.autograd.Function):
         ctx.save_for_backward(s if residual is not None else x_rows, weight, mean, rstd)
         ctx.has_residual = residual is not None
         ctx.has_bias = bias is not None
+        ctx.input_dtypes = (x.dtype, residual.dtype if residual is not None else None)
         if residual is None:
             return y.view(shape)
         return y.view(shape), s.view(shape)
@@ -230,7 +238,9 @@ class LayerNormFunction(torch.autograd.Function):
         ds_rows = _as_rows(ds) if ds is not None else None
         dx, dw, db = torch.ops.finegpt.layer_norm_bwd(dy_rows, ds_rows, x_rows, weight, ctx.has_bias, mean, rstd)
         dx = dx.view(dy.shape)
-        return dx, (dx if ctx.has_residual else None), dw, (db if ctx.has_bias else None), None
+        x_dtype, residual_dtype = ctx.input_dtypes
+        dresidual = dx.to(residual_dtype) if ctx.has_residual else None
+        return dx.to(x_dtype), dresidual, dw, (db if ctx.has_bias else None), None
 
 
 def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor] = None) -> None:

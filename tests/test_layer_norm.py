@@ -93,6 +93,24 @@ def test_add_layer_norm_returns_the_sum_it_normalised():
     torch.testing.assert_close(y, layer_norm(s, w, b), atol=0, rtol=0)
 
 
+def test_add_layer_norm_promotes_like_x_plus_residual(path):
+    """A bf16 branch added to an fp32 residual stream (autocast) keeps the stream in fp32."""
+    x = torch.randn(4, 96, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(4, 96, device=DEVICE, requires_grad=True)
+    w, b = torch.randn(96, device=DEVICE), torch.randn(96, device=DEVICE)
+    y, s = add_layer_norm(x, r, w, b)
+    assert y.dtype == s.dtype == torch.float32
+    dy, ds = torch.randn_like(y), torch.randn_like(s)
+    torch.autograd.backward((y, s), (dy, ds))
+    xr, rr = x.detach().requires_grad_(), r.detach().requires_grad_()
+    s_ref = xr + rr
+    y_ref = F.layer_norm(s_ref, (96,), w, b)
+    torch.autograd.backward((y_ref, s_ref), (dy, ds))
+    torch.testing.assert_close((y, s, r.grad), (y_ref, s_ref, rr.grad))
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
 def test_non_contiguous_input_and_grad():
     C = 672
     base = torch.randn(6, C, 4, device=DEVICE)
