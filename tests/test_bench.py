@@ -21,7 +21,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """`finegpt bench --quick` once, in a subprocess as a user would run it."""
+    """`finegpt bench --quick` once (about 20 s on 2 cores), in a subprocess as a user would run it."""
     out = tmp_path_factory.mktemp("bench") / "results"
     env = dict(os.environ)
     # conftest sets the Triton interpreter for the kernel tests; the bench must use what a user gets
@@ -35,6 +35,7 @@ def quick_run(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_quick_run_writes_valid_results(quick_run):
     out, stdout = quick_run
     data = json.loads((out / "results.json").read_text())
@@ -50,6 +51,7 @@ def test_quick_run_writes_valid_results(quick_run):
             assert all(header in stdout for _, header in section["columns"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU labelling")
 def test_quick_run_on_cpu_labels_cpu_figures_and_skips_kernels(quick_run):
     out, _ = quick_run
@@ -69,6 +71,7 @@ def test_quick_run_on_cpu_labels_cpu_figures_and_skips_kernels(quick_run):
     assert train["headline"]["losses_agree"] is True
 
 
+@pytest.mark.slow
 def test_quick_run_markdown_has_every_section(quick_run):
     out, _ = quick_run
     data = json.loads((out / "results.json").read_text())
@@ -85,6 +88,7 @@ def test_quick_run_markdown_has_every_section(quick_run):
         assert f"({section['chart_file']})" in text
 
 
+@pytest.mark.slow
 def test_quick_run_charts_open_and_show_the_results(quick_run):
     from PIL import Image
 
