@@ -118,6 +118,13 @@ def validate(cfg: TrainConfig) -> None:
             raise FinegptError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not 0 < cfg.min_lr <= cfg.lr:
         raise FinegptError(f"need 0 < --min-lr <= --lr, got --min-lr {cfg.min_lr} --lr {cfg.lr}")
+    if cfg.device != "auto":
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise FinegptError(f"--device {cfg.device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise FinegptError(f"--device {cfg.device}: this machine has no CUDA GPU (use --device cpu)")
     if cfg.dtype not in ("auto", *DTYPES):
         raise FinegptError(f"--dtype {cfg.dtype!r}: choose auto, {', '.join(DTYPES)}")
 
@@ -226,15 +233,9 @@ class Trainer:
     def _resolve_device(self, name: str) -> torch.device:
         if name == "auto":
             return torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise FinegptError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise FinegptError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
-            if device.index is None or self.distributed:
-                device = torch.device("cuda", self.local_rank if device.index is None else device.index)
+        device = torch.device(name)  # validate() checked it
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.local_rank)
         return device
 
     def _make_optimizer(self):
