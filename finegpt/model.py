@@ -178,14 +178,9 @@ class GPT(nn.Module):
         # h is now ln_f(x).
         if targets is None:
             return self.lm_head(h[:, [-1], :]), None
-        weight = self.lm_head.weight
-        if torch.is_autocast_enabled(h.device.type):
-            # Autocast does not reach a custom op; cast as it would for lm_head, so the head GEMMs run
-            # in the same precision on both paths.
-            dtype = torch.get_autocast_dtype(h.device.type)
-            h, weight = h.to(dtype), weight.to(dtype)
+        # Under autocast the kernel runs its GEMMs in the autocast dtype, as autocast would lm_head.
         loss = linear_cross_entropy(
-            h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), ignore_index=IGNORE_INDEX
+            h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
         return None, loss
 

@@ -9,7 +9,6 @@ max_iters is derived from the tokens per step.
 memory estimate of both paths, flagging tiers whose eager step would not fit the card.
 """
 
-import math
 from dataclasses import dataclass, fields, replace
 
 import click
@@ -166,10 +165,11 @@ def estimate_peak_memory(preset_or_config, batch_size: int, block_size: int, fus
 
     FACTS §2, fitted to PyTorch's memory tracker: 12·N (fp32 weights, grads, two Adam states) +
     38·C·L·B·T (the layers' saved activations) + 14·B·T·V (logits: bf16 kept, fp32 log-softmax saved,
-    fp32 gradient temporaries). The fused path never holds the B·T·V logits; its chunked head holds
-    instead one chunk of fp32 logits and their gradient (8 bytes × chunk × V, the kernel's chunk of
-    tokens sized so chunk × V ≈ B·T × C, Liger's rule), the fp32 head-weight gradient it accumulates and
-    the bf16 copy of the weight it reads (6·V·C). Then allocator overhead and the CUDA context.
+    fp32 gradient temporaries). The fused path never holds the B·T·V logits. Its chunked head
+    (kernels.linear_cross_entropy) holds instead: one chunk of bf16 logits, overwritten by their
+    gradient (at most CHUNK_BYTES); the fp32 gradients of the head weight and of the hidden states it
+    computes in the forward and keeps for the backward (4·V·C + 4·B·T·C); and the bf16 copies of both
+    inputs that its GEMMs read (2·V·C + 2·B·T·C). Then allocator overhead and the CUDA context.
     """
     from finegpt.model import meta_model
 
@@ -179,8 +179,9 @@ def estimate_peak_memory(preset_or_config, batch_size: int, block_size: int, fus
     tokens = batch_size * block_size
     total = 12 * n + 38 * C * L * tokens
     if fused:
-        chunk = min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(V / C))))))
-        total += 8 * chunk * V + 6 * V * C
+        from kernels.linear_cross_entropy import CHUNK_BYTES
+
+        total += min(CHUNK_BYTES, 2 * tokens * V) + 6 * V * C + 6 * tokens * C
     else:
         total += 14 * tokens * V
     return int(total * (1 + ALLOCATOR_OVERHEAD) + CUDA_CONTEXT_BYTES)
