@@ -252,7 +252,7 @@ class TokenLoader:
             raise StopIteration
         # Queued on the caller's stream like any input copy: the host never waits for it.
         xy = self._slots[slot].to(self._device, non_blocking=True).to(torch.int64)
-        self._events[slot].record()
+        self._events[slot].record(torch.cuda.current_stream(self._device))
         self._pending.append(slot)
         self._consumed += 1
         return xy[0], xy[1]

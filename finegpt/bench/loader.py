@@ -201,8 +201,8 @@ def run(quick: bool = False, device: str | None = "cpu", shard_path: Path | None
                 next_batch()
         rates = throughput(loaders, rounds, window_s, dev)
         for name, next_batch in loaders.items():
-            lat = warm_latencies_us(next_batch, seconds=rounds * window_s, max_calls=2000)
-            kept, alone_rate = gil_kept_pct(next_batch, rounds, window_s)
+            lat = warm_latencies_us(next_batch, seconds=rounds * window_s / 2, max_calls=1000)
+            kept, alone_rate = gil_kept_pct(next_batch, 2 * rounds, window_s / 2)
             alone.append(alone_rate)
             rows.append(
                 {
