@@ -87,7 +87,7 @@ fn mix(mut z: u64) -> u64 {
 const ROUNDS: usize = 6;
 
 /// A seeded bijection on `0..n`: a balanced Feistel network on the smallest even power of two
-/// >= n, applied repeatedly until the value lands below n (cycle-walking keeps it a bijection;
+/// not below n, applied repeatedly until the value lands below n (cycle-walking keeps it a bijection;
 /// the domain is under 4n, so that takes under 4 steps on average).
 pub struct Permutation {
     n: u64,
