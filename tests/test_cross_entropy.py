@@ -1,5 +1,10 @@
 """kernels.cross_entropy against a float64 F.cross_entropy, on fresh random inputs."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,6 +170,13 @@ def test_compiles_without_graph_break(monkeypatch):
     expected.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(dh, h.grad)
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="triton is not importable here")
+def test_kernels_compile_for_h100():
+    """Compiled, not interpreted: what the interpreter forgives (types, dtype mixes) fails here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "kernels.testing", "cross_entropy"], check=True, env=env, cwd=Path(__file__).parents[1])
 
 
 def test_rejects_bad_arguments():

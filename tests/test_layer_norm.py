@@ -1,5 +1,6 @@
 """kernels.layer_norm / add_layer_norm against a float64 F.layer_norm, on fresh random inputs."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,13 @@ def test_module_matches_nanogpt_layer_norm():
     assert [n for n, _ in ln.named_parameters()] == ["weight", "bias"]
     x = torch.randn(3, 64)
     torch.testing.assert_close(ln(x), F.layer_norm(x, (64,), ln.weight, ln.bias, 1e-5))
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="triton is not importable here")
+def test_kernels_compile_for_h100():
+    """Compiled, not interpreted: what the interpreter forgives (types, dtype mixes) fails here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "kernels.testing", "layer_norm"], check=True, env=env, cwd=Path(__file__).parents[1])
 
 
 def test_rejects_mismatched_weight():
