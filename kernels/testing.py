@@ -66,8 +66,8 @@ def gpu_launches(op: str) -> list[tuple[object, dict[str, str], dict, int]]:
     ln = importlib.import_module("kernels.layer_norm")
     launches = []
     for C in (768, 1023):
-        block_r, block_c = ln._tile(C)
-        shape = dict(BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl.float32)
+        fwd_shape = dict(zip(("BLOCK_R", "BLOCK_C"), ln._tile(C, ln._TILE_FWD)), ACC=tl.float32)
+        bwd_shape = dict(zip(("BLOCK_R", "BLOCK_C"), ln._tile(C, ln._TILE_BWD)), ACC=tl.float32)
         # A bf16 branch added to the fp32 residual stream, as under autocast.
         fwd = dict(X="*bf16", R="*fp32", Y="*fp32", S="*fp32", W="*fp32", B="*fp32", Mean="*fp32", Rstd="*fp32",
                    stride_x="i32", stride_r="i32", stride_y="i32", stride_s="i32", n_rows="i32", C="i32", eps="fp32")
@@ -75,8 +75,8 @@ def gpu_launches(op: str) -> list[tuple[object, dict[str, str], dict, int]]:
                    DW_partial="*fp32", DB_partial="*fp32", stride_x="i32", stride_dy="i32", stride_ds="i32",
                    stride_dx="i32", n_rows="i32", C="i32")
         for flag in (True, False):
-            launches.append((ln._layer_norm_fwd_kernel, fwd, dict(HAS_RESIDUAL=flag, HAS_BIAS=flag, **shape), ln._NUM_WARPS))
-            launches.append((ln._layer_norm_bwd_kernel, bwd, dict(HAS_BIAS=flag, HAS_DS=flag, **shape), ln._NUM_WARPS))
+            launches.append((ln._layer_norm_fwd_kernel, fwd, dict(HAS_RESIDUAL=flag, HAS_BIAS=flag, **fwd_shape), ln._NUM_WARPS))
+            launches.append((ln._layer_norm_bwd_kernel, bwd, dict(HAS_BIAS=flag, HAS_DS=flag, **bwd_shape), ln._NUM_WARPS))
     return launches
 
 
