@@ -107,7 +107,7 @@ def _free(cuda: bool) -> None:
 
 
 def measure(make_trainer, steps: int, burn_in: int, cuda: bool) -> dict:
-    """Build a trainer, run burn_in untimed then `steps` timed optimizer steps.
+    """Build a trainer, run burn_in untimed then `steps` timed optimizer steps (median step time).
 
     Returns {"status": "ok", ms_per_iter, tokens_per_s, peak_bytes, loss, tokens_per_step} or, when
     the card runs out of memory, {"status": "OOM", needed_bytes: what was held at the failure plus
@@ -119,18 +119,19 @@ def measure(make_trainer, steps: int, burn_in: int, cuda: bool) -> dict:
         trainer = make_trainer()
         for _ in range(burn_in):
             trainer.train_step()
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        times = []
         for _ in range(steps):
-            loss = trainer.train_step()
-        if cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss = trainer.train_step()  # returns a float: the step has finished on the device
+            times.append(time.perf_counter() - start)
+        # The median step: one step slowed by another process (a shared machine) does not move it.
+        step_s = float(np.median(times))
         outcome = {
             "status": "ok",
-            "ms_per_iter": 1000 * elapsed / steps,
-            "tokens_per_s": trainer.tokens_per_step * steps / elapsed,
+            "ms_per_iter": 1000 * step_s,
+            "tokens_per_s": trainer.tokens_per_step / step_s,
             "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             "loss": float(loss),
             "tokens_per_step": trainer.tokens_per_step,
@@ -441,7 +442,7 @@ def run(
 
     notes += [
         f"Each path: {burn_in} untimed step(s), then {steps} timed optimizer step(s) of one micro-batch "
-        "(grad_accum = 1) on the same synthetic random-token shards, seed 1337.",
+        "(grad_accum = 1) on the same synthetic random-token shards, seed 1337; ms/iter is the median step.",
         "MFU = tokens/s × FLOPs per token / peak; FLOPs per token = 6·N + 12·L·C·T "
         "(finegpt.model.flops_per_token, N = weights in matmuls)"
         + (f"; peak {peak_flops / 1e12:.0f} TFLOP/s bf16 dense for {name} (finegpt.device.gpu_peak_flops)." if peak_flops
@@ -461,7 +462,8 @@ def run(
     else:
         notes.append(
             "CPU figures: no GPU here. The fused path runs the kernels' PyTorch fallback (chunked linear + "
-            "cross-entropy), not Triton; peak memory is a CUDA allocator reading and is not measured on CPU."
+            "cross-entropy), not Triton; peak memory is a CUDA allocator reading and is not measured on CPU. "
+            "CPU step times move with whatever else the machine runs: compare paths within one run only."
         )
     charts = [
         Chart("Time per optimizer step", "tier", "ms_per_iter", "ms per step", "path"),
