@@ -88,8 +88,8 @@ def cross_entropy_rows(
     0-d or (N,) tensor. `grad` may be `logits` itself (the chunked linear+CE owns its logits)."""
     n_rows, V = logits.shape
     acc = _backend.acc_dtype(logits.dtype)
-    valid = targets != ignore_index
     if not _backend.use_triton(logits):
+        valid = targets != ignore_index
         x = logits.to(acc)
         lse = torch.logsumexp(x, dim=1)
         safe_targets = torch.where(valid, targets, 0)
@@ -118,7 +118,10 @@ def cross_entropy_rows(
 
 
 def reduce_loss(loss: Tensor, scale: Tensor, reduction: str) -> Tensor:
-    return loss if reduction == "none" else loss.sum() * scale if reduction == "mean" else loss.sum()
+    """Per-row losses -> the reduction's loss; scale is reduction_scale's (1 / valid rows for mean)."""
+    if reduction == "none":
+        return loss
+    return loss.sum() * scale if reduction == "mean" else loss.sum()
 
 
 def cross_entropy_forward(

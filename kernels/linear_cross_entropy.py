@@ -33,13 +33,14 @@ from kernels.cross_entropy import (
 )
 
 CHUNK_BYTES = 256 * 2**20
-# torch.mm(a, b, out_dtype=torch.float32) for bf16/fp16 inputs (CUDA only, recent torch).
+# torch.mm(a, b, out_dtype=torch.float32) for bf16/fp16 inputs: CUDA only, torch >= 2.8.
 _MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype")
 
 
 def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b returned in the accumulation dtype (fp32 for bf16), rounded once at the very end of
-    the sum over chunks rather than once per chunk. CPU: bf16 GEMMs are slow there anyway."""
+    """a @ b in the accumulation dtype (fp32 for bf16 inputs), so a sum over chunks is rounded once
+    at the end: cuBLAS accumulates in fp32 and writes fp32 (CPU: upcast first, bf16 GEMMs are
+    slow there anyway). Only a CUDA torch older than 2.8 rounds each chunk's product to bf16."""
     acc = _backend.acc_dtype(a.dtype)
     if a.dtype == acc:
         return a @ b
