@@ -209,6 +209,8 @@ def test_gpu_realistic_shape_and_memory():
     eager.backward()
     eager_peak = torch.cuda.max_memory_allocated() - base
     torch.testing.assert_close(fused[0], eager.float(), atol=1e-2, rtol=1e-3)
-    torch.testing.assert_close(fused[1].float(), hidden.grad.float(), atol=2e-3, rtol=2e-2)
-    torch.testing.assert_close(fused[2], weight.grad, atol=2e-3, rtol=2e-2)
+    # Gradients are ~1/N small: tolerances relative to each tensor's largest entry (bf16 GEMMs).
+    for got, want in ((fused[1], hidden.grad), (fused[2], weight.grad)):
+        scale = want.float().abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), atol=0.02 * scale, rtol=0.02)
     assert fused_peak < eager_peak / 4, (fused_peak, eager_peak)
