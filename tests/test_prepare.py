@@ -497,3 +497,10 @@ def test_default_val_tokens():
     assert prepare.default_val_tokens(local, 10_000, None) == 10_000
     big = corpus.Source("mine", {"path": "/x"}, 10**10, None)
     assert prepare.default_val_tokens(big, 10**8, None) == prepare.EVAL_TOKENS
+
+
+def test_progress_bar_shows_tokens_documents_rate_and_eta(parquet_dir, tmp_path, capsys):
+    prepare_shards(parquet_dir, tmp_path / "out", shard_tokens=500, max_tokens=2000, workers=1, progress=True)
+    err = capsys.readouterr().err
+    assert "2.00k/2.00k" in err  # --max-tokens gives the bar a total, hence a percentage and an ETA
+    assert "100%" in err and "tok/s" in err and "docs" in err
