@@ -163,7 +163,6 @@ def copy_bandwidth_gbs() -> float:
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
-    del src, dst
     return 2 * 2**30 / (ms * 1e-3) / 1e9
 
 
