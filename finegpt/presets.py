@@ -41,6 +41,7 @@ class Preset:
     min_lr: float
     warmup_iters: int
     max_iters: int
+    max_time: float | None = None  # seconds; bounds the CPU demo on any machine
     weight_decay: float = 0.1
     beta2: float = 0.99
     dropout: float = 0.0
@@ -109,8 +110,9 @@ PRESETS: dict[str, Preset] = {
         # per step at half its activation memory.
         _gpu_tier("12", 12, 6, 6, 384, batch_size=16, grad_accum=24),
         # A machine without a GPU: small enough that `finegpt train` with no arguments learns visibly
-        # in about two minutes on 2 cores. GPT-2's vocabulary makes the head most of the work, so the
-        # stack stays small and the context short; the higher lr suits a model this small.
+        # in two minutes on 2 cores; max_time stops it there on a slower or busy machine. GPT-2's
+        # vocabulary makes the head most of the work, so the stack stays small and the context short;
+        # the higher lr suits a model this small.
         Preset(
             name="cpu",
             vram_gb=None,
@@ -124,6 +126,7 @@ PRESETS: dict[str, Preset] = {
             min_lr=3e-4,
             warmup_iters=20,
             max_iters=300,
+            max_time=120,
             eval_interval=100,
             eval_tokens=8_192,
             log_interval=10,

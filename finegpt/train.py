@@ -42,7 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # difference between a checkpoint's config and the resuming one is refused (the run would not continue,
 # it would become another run).
 RESUMABLE_CHANGES = frozenset(
-    {"max_iters", "eval_interval", "eval_tokens", "log_interval", "compile", "fused", "device",
+    {"max_iters", "max_time", "eval_interval", "eval_tokens", "log_interval", "compile", "fused", "device",
      "resume", "wandb", "out", "data"}
 )  # fmt: skip
 
@@ -64,6 +64,7 @@ class TrainConfig:
     min_lr: float
     warmup_iters: int
     max_iters: int
+    max_time: float | None  # seconds of training before the run stops (eval, checkpoint) early; None: no limit
     weight_decay: float
     beta2: float
     dropout: float
@@ -523,6 +524,7 @@ def train(cfg: TrainConfig, echo=click.echo) -> dict:
     elif not shard_files(cfg.data, "train"):
         raise FinegptError(f"--data {cfg.data}: no training shards (*_train_*.bin) there; run `finegpt prepare` first")
 
+    wandb = _import_wandb() if cfg.wandb and master else None  # before any work: a missing package fails fast
     trainer = Trainer(cfg)
     stop = _StopRequest()
     metrics = None
@@ -536,7 +538,8 @@ def train(cfg: TrainConfig, echo=click.echo) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         if master:
             metrics = _Metrics(out / METRICS_NAME, start_iter if resumed else None)
-            run = _start_wandb(cfg) if cfg.wandb else None
+            if wandb:
+                run = wandb.init(project="finegpt", name=out.name, config=asdict(cfg), resume="allow")
         _print_header(trainer, echo, resumed)
 
         peak = gpu_peak_flops(device_name(trainer.device)) if trainer.device.type == "cuda" else None
@@ -549,9 +552,12 @@ def train(cfg: TrainConfig, echo=click.echo) -> dict:
             if master:
                 checkpoint.save_atomic(payload, ckpt_path)
 
+        t_start = time.perf_counter()
         while True:
             it = trainer.iter_num
-            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (resumed and it == start_iter):
+            out_of_time = cfg.max_time is not None and time.perf_counter() - t_start >= cfg.max_time
+            done = it >= cfg.max_iters or out_of_time
+            if (it % cfg.eval_interval == 0 or done) and not (resumed and it == start_iter):
                 val_loss = trainer.evaluate()
                 if val_loss is not None and master:
                     metrics.write({"iter": it, "val_loss": val_loss})
@@ -562,7 +568,10 @@ def train(cfg: TrainConfig, echo=click.echo) -> dict:
                     save()
                     saved = f", checkpoint {ckpt_path}"
                 echo(f"iter {it}: val loss {_fmt(val_loss)}{saved}")
-            if it >= cfg.max_iters:
+            if done:
+                if out_of_time and it < cfg.max_iters:
+                    echo(f"Time budget of {cfg.max_time:g} s reached at iter {it}: continue with "
+                         f"finegpt train --resume --out {out} --max-time <seconds>")  # fmt: skip
                 break
             if _agree(stop.requested, trainer):
                 save()
@@ -637,12 +646,12 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _start_wandb(cfg: TrainConfig):
+def _import_wandb():
     try:
         import wandb
     except ImportError:
         raise FinegptError("--wandb needs the wandb package: pip install 'finegpt[wandb]'") from None
-    return wandb.init(project="finegpt", name=Path(cfg.out).name, config=asdict(cfg), resume="allow")
+    return wandb
 
 
 def _print_header(trainer: Trainer, echo, resumed: bool) -> None:
@@ -708,6 +717,7 @@ _POS_FLOAT = click.FloatRange(min=0, min_open=True)
 @click.option("--min-lr", type=_POS_FLOAT, help="Learning rate at the end of the cosine decay.")
 @click.option("--warmup-iters", type=click.IntRange(min=0))
 @click.option("--max-iters", type=_POS_INT, help="Optimizer steps in the run.")
+@click.option("--max-time", type=_POS_FLOAT, help="Stop (with eval and checkpoint) after this many seconds of training.")
 @click.option("--weight-decay", type=click.FloatRange(min=0))
 @click.option("--beta2", type=click.FloatRange(0, 1, max_open=True))
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True))

@@ -90,6 +90,8 @@ def test_cpu_tier_is_small_enough_for_two_cores():
     p = PRESETS["cpu"]
     assert p.vram_gb is None and meta_model(p.model_config()).num_params() < 10e6
     assert p.tokens_per_step * p.max_iters <= 500_000  # a few minutes of CPU at most
+    assert p.max_time <= 150  # and stopped after two and a half minutes on any machine
+    assert all(q.max_time is None for q in PRESETS.values() if q.vram_gb)
 
 
 def test_presets_command_prints_every_tier_and_flags_eager_overflows():

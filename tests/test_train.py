@@ -252,6 +252,13 @@ def test_out_of_memory_names_a_smaller_micro_batch_or_tier(shards, tmp_path, mon
         train(tiny(shards, tmp_path / "oom", max_iters=2), echo=lambda *a: None)
 
 
+def test_wandb_without_the_package_is_a_clear_error(shards, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    with pytest.raises(FinegptError, match="pip install 'finegpt\\[wandb\\]'"):
+        train(tiny(shards, tmp_path, max_iters=1, wandb=True), echo=lambda *a: None)
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before any work
+
+
 @pytest.mark.gpu
 def test_fused_steps_on_cuda(shards, tmp_path):
     cfg = config_from_preset("cpu", data=str(shards), out=str(tmp_path), device="cuda", fused=True, compile=False, max_iters=5)
