@@ -168,6 +168,8 @@ class TokenLoader:
             raise LoaderError(f"threads={threads}: must be at least 1")
         self._device = torch.device(device)
         self._cuda = self._device.type == "cuda"
+        if self._device.type not in ("cpu", "cuda"):
+            raise LoaderError(f"device={device!r}: TokenLoader delivers to 'cpu' or 'cuda[:N]'")
         if self._cuda and not torch.cuda.is_available():
             raise LoaderError(f"device={device!r}: CUDA is not available here; use device='cpu'")
         self.batch_size, self.block_size = batch_size, block_size

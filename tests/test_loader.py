@@ -253,6 +253,11 @@ def test_cuda_device_without_cuda(shards):
         TokenLoader(shards[0], 2, T, device="cuda")
 
 
+def test_unsupported_device(shards):
+    with pytest.raises(LoaderError, match="device='meta'"):
+        TokenLoader(shards[0], 2, T, device="meta")
+
+
 def test_len_only_for_a_sequential_pass(shards):
     with TokenLoader(shards[0], 4, T) as loader, pytest.raises(TypeError, match="endless"):
         len(loader)
