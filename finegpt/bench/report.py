@@ -492,6 +492,13 @@ def readme_results(results_root: Path, readme_dir: Path) -> str:
             commands.append(f"`{section['command']}`")
         out += [_markdown_table(["section", "figure", "value"], rows, [False, False, True]), ""]
         out += [f"Reproduce: {', '.join(commands)}.", ""]
+    if not any(data["environment"]["gpu"] for _, data in found):
+        out += [
+            "No GPU results recorded yet: the kernels section and the GPU figures of the train section (fused "
+            "against eager on the 24 GB tier, peak memory, every tier on its emulated card) are unmeasured. "
+            "Run `bench/gpu_check.sh` on a GPU machine (above).",
+            "",
+        ]
     return "\n".join(out)
 
 
