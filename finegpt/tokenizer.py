@@ -9,9 +9,11 @@ resort. The result is the identical Encoding: same merges, pattern, special toke
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,16 +117,26 @@ def gpt2_encoding() -> tiktoken.Encoding:
     return _ENCODING
 
 
+def _exit_with(parent) -> None:
+    parent.join()  # returns when the parent process is gone
+    os._exit(1)
+
+
 def _start_worker(mergeable_ranks: dict[bytes, int]) -> None:
     global _ENCODING
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A pool's workers outlive a parent killed with SIGKILL (they wait on a queue they hold open
+    # themselves); this thread ends them with it.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     _ENCODING = _from_ranks(mergeable_ranks)
 
 
 def worker_initializer() -> tuple[Callable, tuple]:
     """(initializer, initargs) for a process pool running encode_documents: each worker gets this
-    process's verified merges (10x faster than parsing the files again) and leaves Ctrl-C to the
-    parent, which stops the workers itself."""
+    process's verified merges (10x faster than parsing the files again), leaves Ctrl-C to the
+    parent, which stops the workers itself, and exits if the parent dies."""
     return _start_worker, (gpt2_encoding()._mergeable_ranks,)
 
 

@@ -271,32 +271,60 @@ def test_changed_shard_is_prepared_again(parquet_dir, tmp_path):
     assert file_bytes(out) == good
 
 
-@pytest.mark.slow
-def test_sigint_subprocess_resumes(tmp_path):
-    """A real Ctrl-C to `finegpt prepare` mid-run: exit 130, then the same command finishes the job."""
+def big_jsonl(tmp_path: Path) -> Path:
+    """~0.9M tokens: long enough to stop a real `finegpt prepare` process in the middle."""
     rng = np.random.default_rng(0)
     words = np.array("alpha beta gamma delta the of and to in is data model token shard train".split())
     texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(50, 400, size=4000)]
-    src = tmp_path / "big.jsonl"
-    write_jsonl(src, texts)
+    return write_jsonl(tmp_path / "big.jsonl", texts)
+
+
+def start_prepare(src: Path, out: Path, workers: int) -> tuple[subprocess.Popen, list[str]]:
+    """`python -m finegpt prepare` in a subprocess, returned once it has written two shards."""
     cmd = [sys.executable, "-m", "finegpt", "prepare", "--dataset", str(src), "--shard-tokens", "20000",
-           "--val-tokens", "5000", "--workers", "1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "cut")], env=env, cwd=REPO,
+           "--val-tokens", "5000", "--workers", str(workers), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    manifest_path = tmp_path / "cut" / "manifest.json"
     deadline = time.time() + 60
     while time.time() < deadline:
-        if manifest_path.exists() and len(json.loads(manifest_path.read_text())["shards"]) >= 2:
+        if (out / "manifest.json").exists() and len(json.loads((out / "manifest.json").read_text())["shards"]) >= 2:
             break
         time.sleep(0.01)
+    return proc, cmd
+
+
+@pytest.mark.slow
+def test_sigkilled_run_leaves_no_workers_and_resumes(tmp_path):
+    src = big_jsonl(tmp_path)
+    proc, cmd = start_prepare(src, tmp_path / "cut", workers=2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not json.loads((tmp_path / "cut" / "manifest.json").read_text())["complete"]
+    deadline = time.time() + 20
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "workers outlived their parent"
+
+    subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, check=True, capture_output=True)
+    prepare_shards(src, tmp_path / "whole", shard_tokens=20000, val_tokens=5000, workers=1, progress=False)
+    assert file_bytes(tmp_path / "cut") == file_bytes(tmp_path / "whole")
+    assert not [p for p in (tmp_path / "cut").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+@pytest.mark.slow
+def test_sigint_subprocess_resumes(tmp_path):
+    """A real Ctrl-C to `finegpt prepare` mid-run: exit 130, then the same command finishes the job."""
+    src = big_jsonl(tmp_path)
+    proc, cmd = start_prepare(src, tmp_path / "cut", workers=1)
+    manifest_path = tmp_path / "cut" / "manifest.json"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "re-run the same command to resume" in err and "Traceback" not in err
     assert not json.loads(manifest_path.read_text())["complete"]
 
-    subprocess.run(cmd + ["--out", str(tmp_path / "cut")], env=env, cwd=REPO, check=True, capture_output=True)
+    subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, check=True, capture_output=True)
     prepare_shards(src, tmp_path / "whole", shard_tokens=20000, val_tokens=5000, workers=1, progress=False)
     assert file_bytes(tmp_path / "cut") == file_bytes(tmp_path / "whole")
 
