@@ -6,7 +6,7 @@
 #   FINEGPT_COMMIT=$(git rev-parse --short=12 HEAD) OUT=/tmp/out bash bench/gpu_check.sh
 #
 # Budget (seconds, each step killed at its limit; a failed step is recorded and the next one runs):
-#   setup 30 + GPU tests 45 + kernels 75 + train (every tier emulated) 115 + loader 30 = 295 = 5 min.
+#   setup 35 + GPU tests 45 + kernels 75 + train (every tier emulated) 115 + loader 30 = 300 = 5 min.
 # The train step stops starting new paths after 85 s and is interrupted (SIGINT, which it turns into a
 # partial result) at its limit. Leaves in $OUT (at most 6 files, as the device tool returns 8):
 #   results/results.json, results/report.md, results/{loader,kernels,train}.png, gpu_check.log
@@ -41,7 +41,9 @@ step() {
 }
 
 step environment 15 bash -c "nvidia-smi; python3 -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
-step install 15 bash -c "rm -rf '$SITE' && python3 -m pip install -q --no-deps --no-index --target '$SITE' '$REPO'/wheelhouse/*.whl && PYTHONPATH='$SITE' python3 -c 'import finegpt, finegpt._loader, kernels; print(\"finegpt\", finegpt.__version__, \"from\", finegpt.__file__)'"
+# The newest wheel only: two versions of one package would stop the install.
+WHEEL=$(ls -t "$REPO"/wheelhouse/finegpt-*.whl 2>/dev/null | head -1)
+step install 20 bash -c "rm -rf '$SITE' && python3 -m pip install -q --no-deps --no-index --target '$SITE' '${WHEEL:-no wheel in wheelhouse/: see bench/README.md}' && PYTHONPATH='$SITE' python3 -c 'import finegpt, finegpt._loader, kernels; print(\"finegpt\", finegpt.__version__, \"from\", finegpt.__file__)'"
 export PYTHONPATH="$SITE"
 
 step gpu-tests 45 python3 -m pytest "$REPO/tests" -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors

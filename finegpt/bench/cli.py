@@ -103,7 +103,7 @@ def _train_options(f):
         click.option("--burn-in", type=click.IntRange(min=0), default=None, help="Untimed steps before timing (warm-up, compile)."),
         click.option("--compile/--no-compile", "compile_paths", default=None,
                      help="Measure the torch.compile paths [default: yes; under --all-tiers only on the 24 GB tier]."),
-        click.option("--time-budget", type=float, default=None, metavar="SECONDS",
+        click.option("--time-budget", type=click.IntRange(min=0), default=None, metavar="SECONDS",
                      help="Start no new path after SECONDS; the rest are reported as skipped."),
     ]):
         f = option(f)
