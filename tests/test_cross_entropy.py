@@ -121,6 +121,8 @@ def test_gradcheck_float64(path):
     for reduction in ("mean", "sum", "none"):
         fn = lambda x: cross_entropy(x, targets, IGNORE, reduction)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (logits,), fast_mode=True)
+        expected = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction=reduction)
+        torch.testing.assert_close(fn(logits), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_bitwise_deterministic():

@@ -130,6 +130,9 @@ def test_gradcheck_float64(path):
     b = torch.randn(7, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, r, w, b: add_layer_norm(x, r, w, b), (x, r, w, b), fast_mode=True)
     assert torch.autograd.gradcheck(lambda x, w: layer_norm(x, w, None), (x, w), fast_mode=True)
+    # fp64 forward against PyTorch at fp64 precision: catches what fp32 tolerances could hide (eps).
+    y, s = add_layer_norm(x, r, w, b, eps=1e-3)
+    torch.testing.assert_close((y, s), (F.layer_norm(x + r, (7,), w, b, eps=1e-3), x + r), rtol=1e-12, atol=1e-12)
 
 
 def test_bitwise_deterministic():

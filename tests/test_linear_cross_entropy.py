@@ -131,6 +131,8 @@ def test_gradcheck_float64(path):
     for reduction in ("mean", "none"):
         fn = lambda h, w, b: linear_cross_entropy(h, w, targets, b, IGNORE, reduction, chunk_size=2)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (hidden, weight, bias), fast_mode=True)
+        expected = _eager(hidden, weight, targets, bias, reduction)
+        torch.testing.assert_close(fn(hidden, weight, bias), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_bitwise_deterministic():
