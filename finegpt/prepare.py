@@ -29,7 +29,6 @@ from tqdm import tqdm
 from finegpt import __version__
 from finegpt.console import format_table, human_bytes, human_count
 from finegpt.corpus import Source, open_source
-from finegpt.data import read_shard, write_shard
 from finegpt.errors import FinegptError
 from finegpt.tokenizer import encode_documents, gpt2_encoding, tokenizer_info, worker_initializer
 
@@ -193,6 +192,9 @@ def prepare_shards(dataset: str = "fineweb", out: Path | str | None = None, *, n
     if val_tokens is None:
         val_tokens = default_val_tokens(source, shard_tokens, max_tokens)
     gpt2_encoding()  # fail now, not in a worker, if the tokenizer cannot load
+    # Imported here: finegpt.data brings torch (for TokenLoader), seconds that listing or
+    # preparing shards has no use for.
+    from finegpt import data
 
     fresh = {"format": MANIFEST_FORMAT, "finegpt_version": __version__, "source": source.identity,
              "config": {"prefix": source.prefix, "shard_tokens": shard_tokens, "val_tokens": val_tokens,
@@ -214,7 +216,7 @@ def prepare_shards(dataset: str = "fineweb", out: Path | str | None = None, *, n
     def finish(document: int, offset: int) -> None:
         nonlocal index, buf, fill
         path = out / shard_name(source.prefix, index)
-        write_shard(path, buf[:fill])
+        data.write_shard(path, buf[:fill])
         shards.append({"name": path.name, "index": index, "split": "val" if index == 0 else "train",
                        "tokens": fill, "sha256": _sha256(path), "end": {"document": document, "offset": offset}})
         _summarize(manifest)
@@ -327,6 +329,8 @@ def shards_command(path, decode):
     def stream_order(file: Path):  # val shard first, then train shards by number
         match = SHARD_NAME.match(file.name)
         return (int(match["index"]) if match else float("inf"), file.name)
+
+    from finegpt.data import read_shard  # here, not at the top: see prepare_shards
 
     files = [path] if path.is_file() else sorted(path.glob("*.bin"), key=stream_order)
     if not files:

@@ -1,5 +1,6 @@
 """finegpt prepare / shards: documents in, GPT-2 token shards out, resumable and independent of workers."""
 
+import hashlib
 import json
 import os
 import signal
@@ -11,15 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from pydoc_data.topics import topics
 
 # The GPU machine has neither (FACTS §10); there these tests skip with this reason.
 pa = pytest.importorskip("pyarrow", reason="prepare's tests build parquet files with pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from finegpt import corpus, prepare
+from finegpt import corpus, data, prepare
 from finegpt.cli import main
 from finegpt.corpus import HubUnreachableError
-from finegpt.data import TokenLoader, read_shard
+from finegpt.data import TokenLoader, read_shard, write_shard
 from finegpt.errors import FinegptError
 from finegpt.prepare import prepare_shards
 from finegpt.tokenizer import EOT, gpt2_encoding
@@ -96,8 +98,7 @@ def file_bytes(out: Path) -> dict[str, bytes]:
 
 
 def run_cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,6 @@ def test_cli_parquet_round_trip(parquet_dir, tmp_path):
     assert manifest["totals"]["val_tokens"] == 300
     assert manifest["tokenizer"]["name"] == "gpt2"
     assert [s["name"] for s in manifest["shards"]] == names
-    import hashlib
     assert all(s["sha256"] == hashlib.sha256((out / s["name"]).read_bytes()).hexdigest() for s in manifest["shards"])
 
 
@@ -174,7 +174,7 @@ def test_interrupted_run_resumes_to_same_bytes(parquet_dir, tmp_path, monkeypatc
     args = dict(shard_tokens=450, val_tokens=200, workers=1, progress=False)
     prepare_shards(parquet_dir, tmp_path / "whole", **args)
 
-    real_write = prepare.write_shard
+    real_write = data.write_shard
     calls = []
 
     def ctrl_c_on_third_shard(path, tokens):
@@ -183,7 +183,7 @@ def test_interrupted_run_resumes_to_same_bytes(parquet_dir, tmp_path, monkeypatc
             raise KeyboardInterrupt
         real_write(path, tokens)
 
-    monkeypatch.setattr(prepare, "write_shard", ctrl_c_on_third_shard)
+    monkeypatch.setattr(data, "write_shard", ctrl_c_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(parquet_dir, tmp_path / "cut", **args)
     manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
@@ -191,9 +191,8 @@ def test_interrupted_run_resumes_to_same_bytes(parquet_dir, tmp_path, monkeypatc
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == sorted(
         ["manifest.json"] + [s["name"] for s in manifest["shards"]])  # nothing half-written
 
-    monkeypatch.setattr(prepare, "write_shard", real_write)
     written = []
-    monkeypatch.setattr(prepare, "write_shard", lambda p, t: (written.append(Path(p).name), real_write(p, t)))
+    monkeypatch.setattr(data, "write_shard", lambda p, t: (written.append(Path(p).name), real_write(p, t)))
     prepare_shards(parquet_dir, tmp_path / "cut", **args)
     assert file_bytes(tmp_path / "cut") == file_bytes(tmp_path / "whole")
     assert manifest["shards"][0]["name"] not in written  # finished shards were kept, not redone
@@ -429,7 +428,6 @@ def test_refuses_other_source_unless_overwrite(parquet_dir, tmp_path):
 def test_refuses_foreign_shards_without_manifest(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    from finegpt.data import write_shard
     write_shard(out / "fineweb_train_000001.bin", [1, 2, 3])
     data = write_jsonl(tmp_path / "d.jsonl", DOCS[:3])
     with pytest.raises(FinegptError, match="without a manifest"):
@@ -508,10 +506,8 @@ def test_builtin_corpus_is_python_docs_read_without_imports():
     sys.modules.pop("antigravity", None)  # importing it would open a web browser
     docs = corpus.builtin_documents()  # usually cached by an earlier test
     assert docs == corpus.builtin_documents.__wrapped__()  # rebuilt: deterministic order
-    from pydoc_data.topics import topics
     assert list(docs[:len(topics)]) == [topics[k] for k in sorted(topics)]
-    import json as json_module
-    assert any(d.startswith(json_module.__doc__.strip()[:60]) for d in docs[len(topics):])
+    assert any(d.startswith(json.__doc__.strip()[:60]) for d in docs[len(topics):])
     assert "antigravity" not in sys.modules
     assert sum(len(d) for d in docs) > 1_500_000  # ~0.5M GPT-2 tokens of prose
 
