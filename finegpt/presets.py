@@ -110,7 +110,7 @@ PRESETS: dict[str, Preset] = {
         # per step at half its activation memory.
         _gpu_tier("12", 12, 6, 6, 384, batch_size=16, grad_accum=24),
         # A machine without a GPU: small enough that `finegpt train` with no arguments learns visibly
-        # in two minutes on 2 cores; max_time stops it there on a slower or busy machine. GPT-2's
+        # in under two minutes on 2 cores; max_time stops it there on a slower or busy machine. GPT-2's
         # vocabulary makes the head most of the work, so the stack stays small and the context short;
         # the higher lr suits a model this small.
         Preset(
@@ -126,7 +126,7 @@ PRESETS: dict[str, Preset] = {
             min_lr=3e-4,
             warmup_iters=20,
             max_iters=300,
-            max_time=120,
+            max_time=100,
             eval_interval=100,
             eval_tokens=8_192,
             log_interval=10,

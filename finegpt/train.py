@@ -420,9 +420,10 @@ def prepare_default_data(cfg: TrainConfig, echo=click.echo) -> Path:
         echo(f"No --data given: preparing {human_count(needed)} tokens of FineWeb in {fineweb}")
         prepare_shards("fineweb", fineweb, max_tokens=needed + needed // 9)
         return fineweb
-    except HubUnreachableError as err:
+    except HubUnreachableError:
         builtin = DEFAULT_DATA_ROOT / "builtin"
-        echo(f"{err}: training on the builtin corpus instead (Python's own documentation), in {builtin}")
+        echo(f"The Hugging Face Hub is unreachable: training on the builtin corpus instead (Python's own "
+             f"documentation, ~0.5M tokens) in {builtin}")  # fmt: skip
         prepare_shards("builtin", builtin)
         return builtin
 
@@ -601,7 +602,10 @@ def train(cfg: TrainConfig, echo=click.echo) -> dict:
                     metrics.write(row)
                     if run:
                         run.log(row, step=trainer.iter_num)
-                eta = _duration(step_time * (cfg.max_iters - trainer.iter_num))
+                remaining = step_time * (cfg.max_iters - trainer.iter_num)
+                if cfg.max_time is not None:
+                    remaining = min(remaining, max(0.0, cfg.max_time - (time.perf_counter() - t_start)))
+                eta = _duration(remaining)
                 echo(
                     f"iter {trainer.iter_num:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {last_loss:.4f} | "
                     f"lr {row['lr']:.2e} | {human_count(tokens_per_s)} tok/s | "
@@ -750,6 +754,7 @@ def train_command(ctx, vram, **options):
         # Continue with the checkpoint's configuration; flags given now may change only what
         # RESUMABLE_CHANGES allows (train() refuses the rest with a message naming them).
         saved = TrainConfig(**checkpoint.load(checkpoint.find_checkpoint(options["out"]))["config"])
+        given |= {"resume": True, "out": options["out"]}
         if ctx.get_parameter_source("vram") == click.core.ParameterSource.DEFAULT:
             cfg = replace(saved, **given)
         else:
@@ -757,4 +762,7 @@ def train_command(ctx, vram, **options):
     else:
         cfg = config_from_preset(vram, **given)
     validate(cfg)
-    train(cfg)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before training began (while preparing data): no traceback
+        raise click.Abort() from None

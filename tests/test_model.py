@@ -126,10 +126,10 @@ def test_generate_respects_vocab_limit_and_is_seeded():
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return model.generate(prompt, 40, temperature=1.5, top_k=50, vocab_limit=100, generator=g)
+        return model.generate(prompt, 16, temperature=1.5, top_k=50, vocab_limit=100, generator=g)
 
     out = run(1)
-    assert out.shape == (1, 43) and torch.equal(out[:, :3], prompt)
+    assert out.shape == (1, 19) and torch.equal(out[:, :3], prompt)
     assert int(out.max()) < 100
     assert torch.equal(out, run(1))
     greedy = model.generate(prompt, 5, temperature=0)
