@@ -8,6 +8,7 @@ resort. The result is the identical Encoding: same merges, pattern, special toke
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -103,18 +104,18 @@ def _from_files(files: dict[str, Path]) -> tiktoken.Encoding:
     return _from_ranks(ranks)
 
 
-_ENCODING: tiktoken.Encoding | None = None  # built once per process
+_PARENT_RANKS: dict[bytes, int] | None = None  # in prepare's workers: the parent's verified merges
 
 
+@functools.cache
 def gpt2_encoding() -> tiktoken.Encoding:
     """tiktoken's GPT-2 encoding, built from local files when any verified copy exists.
 
     Raises FinegptError when no local copy passes its sha256 check and the download fails.
     """
-    global _ENCODING
-    if _ENCODING is None:
-        _ENCODING = _load()
-    return _ENCODING
+    if _PARENT_RANKS is not None:
+        return _from_ranks(_PARENT_RANKS)
+    return _load()
 
 
 def _exit_with(parent) -> None:
@@ -123,14 +124,15 @@ def _exit_with(parent) -> None:
 
 
 def _start_worker(mergeable_ranks: dict[bytes, int]) -> None:
-    global _ENCODING
+    global _PARENT_RANKS
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A pool's workers outlive a parent killed with SIGKILL (they wait on a queue they hold open
     # themselves); this thread ends them with it.
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
-    _ENCODING = _from_ranks(mergeable_ranks)
+    _PARENT_RANKS = mergeable_ranks
+    gpt2_encoding()
 
 
 def worker_initializer() -> tuple[Callable, tuple]:

@@ -50,10 +50,11 @@ def reference(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def fresh(monkeypatch):
+def fresh():
     """gpt2_encoding() rebuilt from scratch for this test."""
-    monkeypatch.setattr(tokenizer, "_ENCODING", None)
-    return tokenizer.gpt2_encoding
+    tokenizer.gpt2_encoding.cache_clear()
+    yield tokenizer.gpt2_encoding
+    tokenizer.gpt2_encoding.cache_clear()
 
 
 def test_known_ids(fresh):
