@@ -287,3 +287,64 @@ def test_headline_compares_like_for_like_on_an_emulated_card():
     rows = {x["path"]: x for x in tier24}
     assert rows["fused"]["vs_eager"] == pytest.approx(1.5) and rows["eager @B=16"]["loss_agrees"] is None
     assert rows["eager (uncapped)"]["loss_agrees"] is True  # same micro-batch as fused: compared
+
+
+def test_all_tiers_on_a_simulated_gpu(monkeypatch):
+    """The GPU flow without a GPU: an 80 GiB card whose allocator fails wherever the FACTS §2 estimate
+    exceeds the emulated card. Each tier is capped to its card, eager is re-measured uncapped and at a
+    halved micro-batch where it does not fit, and the cap is lifted at the end."""
+    import finegpt.device
+    from finegpt.presets import estimate_peak_memory
+
+    total = 80 * 2**30
+    state = {"fraction": 1.0, "peak": 0, "fractions": []}
+
+    def set_fraction(fraction, *args):
+        state["fraction"] = fraction
+        state["fractions"].append(round(fraction * total / 2**30, 3))
+
+    for name, fake in {
+        "is_available": lambda: True, "synchronize": lambda *a: None, "empty_cache": lambda: None,
+        "reset_peak_memory_stats": lambda *a: state.update(peak=0), "max_memory_allocated": lambda *a: state["peak"],
+        "memory_allocated": lambda *a: 0, "set_per_process_memory_fraction": set_fraction,
+    }.items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(finegpt.device, "device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(finegpt.device, "device_memory_bytes", lambda *a: total)
+    monkeypatch.setattr(bench_train, "write_synthetic_shards", lambda *a, **k: None)
+    monkeypatch.setattr(bench_train.gc, "collect", lambda *a: 0)  # nothing to free here; 0.3 s a call
+
+    class SimulatedTrainer(FakeTrainer):
+        def __init__(self, preset, path, batch_size):
+            need = estimate_peak_memory(preset, batch_size, preset.block_size, fused=path.fused)
+            if need > state["fraction"] * total:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {need / 2**30:.2f} GiB.")
+            state["peak"] = need
+            self.tokens_per_step = batch_size * preset.block_size
+            self.loss = 10.8
+
+    monkeypatch.setattr(bench_train, "_trainer_factory", lambda preset, path, b, *a: lambda: SimulatedTrainer(preset, path, b))
+    result = bench_train.run(all_tiers=True, steps=2, burn_in=0)
+
+    assert state["fraction"] == 1.0  # the card is whole again for whatever runs next
+    assert {24.0, 16.0, 12.0, 48.0} <= set(state["fractions"])
+    tiers = list(dict.fromkeys(r["tier"] for r in result.rows))
+    assert tiers == ["80 GB", "48 GB", "24 GB", "16 GB", "12 GB"]
+    rows = {(r["tier"], r["path"]): r for r in result.rows}
+    eager24 = rows[("24 GB", "eager")]
+    assert eager24["status"].startswith("OOM: needs ") and eager24["fits"] is False and eager24["card_gib"] == 24
+    uncapped = rows[("24 GB", "eager (uncapped)")]
+    assert uncapped["status"] == "ok" and uncapped["peak_gib"] > 24 and uncapped["card_gib"] == 80
+    assert rows[("24 GB", "eager @B=16")]["fits"] is True
+    assert rows[("24 GB", "fused")]["status"] == "ok" and rows[("24 GB", "fused")]["mfu_pct"] > 0
+    assert rows[("24 GB", "fused+compile")]["status"] == "ok"
+    assert rows[("24 GB", "eager+compile")]["fits"] is False and ("24 GB", "eager+compile (uncapped)") in rows
+    assert not any(t == "24 GB" and "compile @B=" in p for t, p in rows)  # compiled paths are not halved
+    for tier in ("80 GB", "48 GB", "16 GB", "12 GB"):
+        assert rows[(tier, "fused+compile")]["status"].startswith("skipped (only the 24 GB tier")
+        assert rows[(tier, "fused")]["fits"] is True
+    head = result.headline
+    assert head["headline_tier"] == "24 GB" and head["eager_micro_batch_compared"] == 16
+    assert head["target_every_tier_fits_fused"] is True and head["eager_compile_fit_card"] is False
+    assert head["fused_peak_vs_eager_peak"] == pytest.approx(rows[("24 GB", "fused")]["peak_gib"] / uncapped["peak_gib"])
+    assert any("989 TFLOP/s" in note for note in result.notes)

@@ -11,6 +11,7 @@ Each path runs one micro-step per optimizer step (grad_accum = 1): accumulation 
 micro-step, so it changes neither tokens/s nor the peak, and one micro-step keeps the big tiers fast.
 """
 
+import functools
 import gc
 import re
 import tempfile
@@ -115,7 +116,8 @@ def measure(make_trainer, steps: int, burn_in: int, cuda: bool) -> dict:
     """
     trainer = None
     try:
-        _free(cuda)
+        if cuda:  # the last path was freed when it ended (a full gc.collect is slow: once per path)
+            torch.cuda.reset_peak_memory_stats()
         trainer = make_trainer()
         for _ in range(burn_in):
             trainer.train_step()
@@ -178,6 +180,14 @@ def _trainer_factory(preset, path: TrainPath, batch_size: int, data_dir: Path, o
         return Trainer(cfg)
 
     return make
+
+
+@functools.lru_cache(maxsize=None)
+def _estimate(preset, batch_size: int, fused: bool) -> int:
+    """finegpt.presets.estimate_peak_memory, once per case: it builds the model on the meta device."""
+    from finegpt.presets import estimate_peak_memory
+
+    return estimate_peak_memory(preset, batch_size, preset.block_size, fused=fused)
 
 
 def _gib(n: int | None) -> float | None:
@@ -296,7 +306,6 @@ class _Setup:
 def _measure_paths(preset, paths, setup: _Setup, rows: list[dict]) -> None:
     """Append a row per path (and per OOM fallback) of one tier to `rows`, as each is measured."""
     from finegpt.model import flops_per_token
-    from finegpt.presets import estimate_peak_memory
 
     cuda, total, clock = setup.cuda, setup.total, setup.clock
     label = _tier_label(preset)
@@ -316,7 +325,7 @@ def _measure_paths(preset, paths, setup: _Setup, rows: list[dict]) -> None:
             "status": status, "ms_per_iter": result.get("ms_per_iter"), "tokens_per_s": tps,
             "mfu_pct": 100 * tps * fpt / setup.peak_flops if tps and setup.peak_flops else None,
             "peak_gib": _gib(result.get("peak_bytes")),
-            "estimate_gib": _gib(estimate_peak_memory(preset, b, preset.block_size, fused="fused" in path_name)),
+            "estimate_gib": _gib(_estimate(preset, b, fused="fused" in path_name)),
             "loss": result.get("loss"), "loss_agrees": None, "fits": fits, "vs_eager": None, "_b": b,
         }  # fmt: skip
         rows.append(r)
