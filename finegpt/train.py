@@ -620,15 +620,17 @@ def train(cfg: TrainConfig, echo=click.echo) -> dict:
             metrics.close()
         if run:
             run.finish()
-        model = trainer.raw_model
+        device = trainer.device
         trainer.close()
 
-    if master and not cfg.fsdp:
-        from finegpt.sample import generate_text
+    if master:
+        from finegpt.sample import generate_text, load_model
 
         curve = plot_loss_curve(out / METRICS_NAME, out / CURVE_NAME, title=f"finegpt, tier {cfg.preset}")
         echo(f"Loss curve: {curve}")
-        if not interrupted:
+        if not interrupted and ckpt_path.exists():
+            # From the checkpoint just written: it shows the file works (and needs no FSDP gathering).
+            model = load_model(ckpt_path, device)
             echo(f"Sample (prompt {SAMPLE_PROMPT!r}, temperature 0.8, top-k 200):")
             echo(generate_text(model, SAMPLE_PROMPT, max_new_tokens=100, temperature=0.8, top_k=200, seed=cfg.seed))
     return {
