@@ -119,6 +119,35 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(shards, tmp_path):
     second.close()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_steps(dtype, shards, tmp_path):
+    """bf16 autocast, and fp16 with its grad scaler, also run on a CPU (where the CI can check them)."""
+    trainer = Trainer(tiny(shards, tmp_path, max_iters=2, dtype=dtype))
+    try:
+        assert trainer.scaler.is_enabled() == (dtype == "float16")
+        losses = [trainer.train_step(), trainer.train_step()]
+        assert all(math.isfinite(x) for x in losses)
+        assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())  # fp32 master weights
+    finally:
+        trainer.close()
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_atomic({"iter_num": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        checkpoint.save_atomic({"iter_num": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["iter_num"] == 1  # the previous checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # and the partial file is gone
+
+
 def _env():
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
