@@ -289,15 +289,15 @@ def test_headline_compares_like_for_like_on_an_emulated_card():
     assert rows["eager (uncapped)"]["loss_agrees"] is True  # same micro-batch as fused: compared
 
 
-def test_all_tiers_on_a_simulated_gpu(monkeypatch):
-    """The GPU flow without a GPU: an 80 GiB card whose allocator fails wherever the FACTS §2 estimate
-    exceeds the emulated card. Each tier is capped to its card, eager is re-measured uncapped and at a
-    halved micro-batch where it does not fit, and the cap is lifted at the end."""
+@pytest.fixture
+def simulated_gpu(monkeypatch):
+    """An 80 GiB GPU without a GPU: torch.cuda's memory calls are faked, and a trainer runs out of
+    memory wherever the FACTS §2 estimate exceeds the emulated card. Yields the state (cap, trainers)."""
     import finegpt.device
     from finegpt.presets import estimate_peak_memory
 
     total = 80 * 2**30
-    state = {"fraction": 1.0, "peak": 0, "fractions": []}
+    state = {"total": total, "fraction": 1.0, "peak": 0, "fractions": [], "built": []}
 
     def set_fraction(fraction, *args):
         state["fraction"] = fraction
@@ -316,6 +316,7 @@ def test_all_tiers_on_a_simulated_gpu(monkeypatch):
 
     class SimulatedTrainer(FakeTrainer):
         def __init__(self, preset, path, batch_size):
+            state["built"].append((preset.name, path.name, batch_size))
             need = estimate_peak_memory(preset, batch_size, preset.block_size, fused=path.fused)
             if need > state["fraction"] * total:
                 raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {need / 2**30:.2f} GiB.")
@@ -324,6 +325,13 @@ def test_all_tiers_on_a_simulated_gpu(monkeypatch):
             self.loss = 10.8
 
     monkeypatch.setattr(bench_train, "_trainer_factory", lambda preset, path, b, *a: lambda: SimulatedTrainer(preset, path, b))
+    return state
+
+
+def test_all_tiers_on_a_simulated_gpu(simulated_gpu):
+    """Each tier is capped to its card, eager is re-measured uncapped and at a halved micro-batch where
+    it does not fit, compiled paths run on the 24 GB tier only, and the cap is lifted at the end."""
+    state = simulated_gpu
     result = bench_train.run(all_tiers=True, steps=2, burn_in=0)
 
     assert state["fraction"] == 1.0  # the card is whole again for whatever runs next
@@ -348,3 +356,18 @@ def test_all_tiers_on_a_simulated_gpu(monkeypatch):
     assert head["target_every_tier_fits_fused"] is True and head["eager_compile_fit_card"] is False
     assert head["fused_peak_vs_eager_peak"] == pytest.approx(rows[("24 GB", "fused")]["peak_gib"] / uncapped["peak_gib"])
     assert any("989 TFLOP/s" in note for note in result.notes)
+
+
+def test_a_spent_time_budget_keeps_the_target_figures(simulated_gpu, monkeypatch):
+    """With time for five trainers only: the 24 GB tier's eager (and its fallbacks) and fused come
+    first, then the other tiers' fused path; everything later is a 'skipped (time budget)' row."""
+    state = simulated_gpu
+    monkeypatch.setattr(bench_train._Clock, "stop_reason", lambda self: "time budget 1 s spent" if len(state["built"]) >= 5 else None)
+    result = bench_train.run(all_tiers=True, steps=1, burn_in=0)
+    assert state["built"][:4] == [("24", "eager", 32), ("24", "eager", 32), ("24", "eager", 16), ("24", "fused", 32)]
+    assert state["built"][4] == ("16", "fused", 32)
+    rows = {(r["tier"], r["path"]): r for r in result.rows}
+    assert rows[("12 GB", "fused")]["status"] == "skipped (time budget 1 s spent)"
+    assert rows[("24 GB", "fused+compile")]["status"] == "skipped (time budget 1 s spent)"
+    assert len(result.rows) == 5 * 4 + 2  # every tier's four paths, and 24 GB's two eager fallbacks
+    assert result.headline["fused_vs_eager_tokens_per_s"] > 0 and result.headline["target_every_tier_fits_fused"] is False

@@ -31,8 +31,7 @@ GPU_TIERS = ("80", "48", "24", "16", "12")
 # and the 24 GB tier is the one the targets are set on.
 ALL_TIERS_COMPILE = ("24",)
 HEADLINE_TIER = "24"
-# Order of measurement under --all-tiers: the headline tier first, so a time budget or time limit that
-# runs out leaves the figures the targets need.
+# Order of the tiers under --all-tiers: the headline tier first (see the plan in run()).
 MEASURE_ORDER = ("24", "16", "12", "48", "80")
 
 
@@ -423,14 +422,17 @@ def run(
         )  # fmt: skip
         need = max((burn_in + steps + 2) * micro_batch(p, quick) * (p.block_size + 1) for p in presets)
         write_synthetic_shards(setup.data_dir, need)
-        # Every tier's plain paths first, then the compiled ones: a budget spent on compiling must not
-        # cost a tier its fused-path figure.
-        plain = [p for p in PATHS if not p.compile]
-        compiled = [p for p in PATHS if p.compile]
+        # The figures the targets need first, so a spent budget or time limit costs the extras: the
+        # headline tier's plain paths, every other tier's fused path (does it fit its card?), the
+        # headline tier's compiled paths, then the rest.
+        by_name = {p.name: p for p in PATHS}
+        plain, compiled = [by_name["eager"], by_name["fused"]], [by_name["fused+compile"], by_name["eager+compile"]]
+        head, rest = presets[:1], presets[1:]
+        plan = [(head, plain), (rest, [by_name["fused"]]), (head, compiled), (rest, [by_name["eager"]]), (rest, compiled)]
         tier_rows: dict[str, list[dict]] = {p.name: [] for p in presets}
         try:
-            for paths in (plain, compiled):
-                for preset in presets:
+            for tiers, paths in plan:
+                for preset in tiers:
                     _measure_paths(preset, paths, setup, tier_rows[preset.name])
         except KeyboardInterrupt:
             notes.append("Interrupted: the paths not listed were not measured.")
@@ -441,8 +443,10 @@ def run(
             _finish_tier(tier_rows[preset.name], micro_batch(preset, quick))
             rows += tier_rows[preset.name]
 
-    order = {t: i for i, t in enumerate(GPU_TIERS + ("cpu",))}
-    rows.sort(key=lambda r: order.get(r["tier"].split(" ")[0], 99))  # stable: paths keep their order
+    tier_order = {t: i for i, t in enumerate(GPU_TIERS + ("cpu",))}
+    path_order = {p.name: i for i, p in enumerate(PATHS)}
+    # By tier, then path; stable, so a path's fallback rows stay right after it.
+    rows.sort(key=lambda r: (tier_order.get(r["tier"].split(" ")[0], 99), path_order[r["path"].split(" ")[0]]))
     labels = [_tier_label(p) for p in presets]
     headline_label = f"{HEADLINE_TIER} GB" if f"{HEADLINE_TIER} GB" in labels else labels[0]
     headline = _headline(rows, headline_label, labels, emulated=cuda and (all_tiers or emulate_vram is not None))
