@@ -518,6 +518,7 @@ def train(cfg: TrainConfig, echo=click.echo) -> dict:
     master = rank == 0
     if not master:
         echo = lambda *a, **k: None  # noqa: E731 - one voice on the terminal
+    wandb = _import_wandb() if cfg.wandb and master else None  # before any work: a missing package fails fast
     if cfg.data is None:
         if world > 1:
             raise FinegptError("under torchrun pass --data DIR (prepare shards first with `finegpt prepare`)")
@@ -525,7 +526,6 @@ def train(cfg: TrainConfig, echo=click.echo) -> dict:
     elif not shard_files(cfg.data, "train"):
         raise FinegptError(f"--data {cfg.data}: no training shards (*_train_*.bin) there; run `finegpt prepare` first")
 
-    wandb = _import_wandb() if cfg.wandb and master else None  # before any work: a missing package fails fast
     trainer = Trainer(cfg)
     stop = _StopRequest()
     metrics = None
