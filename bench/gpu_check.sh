@@ -54,7 +54,7 @@ step loader 30 python3 -m finegpt bench loader --device cuda --out "$RESULTS"
 echo | tee -a "$LOG"
 (cd "$WORK" && timeout 30 python3 - "$RESULTS/results.json" <<'EOF') 2>&1 | tee -a "$LOG"
 import json, sys
-from finegpt.bench.report import format_value
+from finegpt.bench.report import default_out_dir, format_value
 from finegpt.console import format_table
 try:
     data = json.load(open(sys.argv[1]))
@@ -68,6 +68,7 @@ for name, section in data["sections"].items():
         rows.append([name, key, format_value(value)])
 print(f"{data['environment']['device']}, torch {data['environment']['torch']}, commit {data['environment']['commit']}")
 print(format_table(rows, ["section", "headline", "value"]))
+print(f"commit these results as {default_out_dir(data['environment'])}/, then: finegpt bench report bench/results")
 EOF
 {
     echo
