@@ -2,7 +2,10 @@
 
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +67,37 @@ def test_two_processes_equal_one_with_the_same_global_batch(fsdp, tmp_path):
     for name, value in expected.items():
         torch.testing.assert_close(result["model"][name], value, rtol=1e-5, atol=1e-5, msg=name)
     single.close()
+
+
+@pytest.mark.slow
+def test_torchrun_cli_trains_checkpoints_and_resumes(tmp_path):
+    """`torchrun -m finegpt train` end to end on 2 CPU processes: each rank reads its own share of the
+    shards, rank 0 writes one checkpoint holding both ranks' loader states, and --resume continues."""
+    from finegpt import checkpoint
+    from finegpt.data import write_shard
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    write_shard(data / "t_val_000000.bin", torch.randint(0, 50257, (2_000,), generator=g).numpy())
+    write_shard(data / "t_train_000001.bin", torch.randint(0, 50257, (20_000,), generator=g).numpy())
+    out = tmp_path / "out"
+    common = ["--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "finegpt", "train"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *common, "--vram", "cpu", "--data", str(data),
+         "--out", str(out), "--device", "cpu", "--eager", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+         "--block-size", "32", "--batch-size", "4", "--grad-accum", "2", "--max-iters", "2",
+         "--eval-interval", "2", "--eval-tokens", "256", "--log-interval", "1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    state = checkpoint.load(out / "ckpt.pt")
+    assert state["world_size"] == 2 and state["iter_num"] == 2
+    assert [s["rank"] for s in state["loader"]] == [0, 1] and all(s["batches_consumed"] == 2 for s in state["loader"])
+    common[3] = str(_free_port())
+    second = subprocess.run([sys.executable, "-m", "torch.distributed.run", *common, "--resume", "--out", str(out),
+                             "--max-iters", "3"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert "Traceback" not in second.stderr
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 3
