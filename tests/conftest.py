@@ -20,3 +20,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=["triton", "fallback"])
+def path(request, monkeypatch):
+    """Run a kernel test through Triton (CUDA or the interpreter) and through the PyTorch fallback."""
+    from kernels import _backend
+
+    if request.param == "fallback":
+        monkeypatch.setattr(_backend, "HAS_TRITON", False)
+    elif not _backend.HAS_TRITON:
+        pytest.skip("triton is not importable here, so only the PyTorch fallback can run")
+    return request.param

@@ -17,16 +17,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
 
 
-@pytest.fixture(params=["triton", "fallback"])
-def path(request, monkeypatch):
-    """Run a test through the Triton kernel (CUDA or interpreter) and through the PyTorch fallback."""
-    if request.param == "fallback":
-        monkeypatch.setattr(_backend, "HAS_TRITON", False)
-    elif not _backend.HAS_TRITON:
-        pytest.skip("triton is not importable here")
-    return request.param
-
-
 def _inputs(n, V, dtype, n_ignored=1, scale=3.0):
     logits = (torch.randn(n, V, device=DEVICE) * scale).to(dtype).requires_grad_()
     targets = torch.randint(0, V, (n,), device=DEVICE)

@@ -16,16 +16,6 @@ from kernels.testing import assert_close_to_reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(params=["triton", "fallback"])
-def path(request, monkeypatch):
-    """Run a test through the Triton kernel (CUDA or interpreter) and through the PyTorch fallback."""
-    if request.param == "fallback":
-        monkeypatch.setattr(_backend, "HAS_TRITON", False)
-    elif not _backend.HAS_TRITON:
-        pytest.skip("triton is not importable here")
-    return request.param
-
-
 def _reference(fn, *tensors, dtype):
     """Outputs and input gradients of fn on copies of tensors cast to dtype, for the same grad_outputs."""
     copies = [t.detach().to(dtype).requires_grad_(t.requires_grad) if t is not None else None for t in tensors]

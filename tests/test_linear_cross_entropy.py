@@ -13,16 +13,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
 
 
-@pytest.fixture(params=["triton", "fallback"])
-def path(request, monkeypatch):
-    """Run a test through the Triton kernel (CUDA or interpreter) and through the PyTorch fallback."""
-    if request.param == "fallback":
-        monkeypatch.setattr(_backend, "HAS_TRITON", False)
-    elif not _backend.HAS_TRITON:
-        pytest.skip("triton is not importable here")
-    return request.param
-
-
 def _inputs(n, H, V, dtype, bias=True, n_ignored=1):
     hidden = torch.randn(n, H, device=DEVICE).to(dtype).requires_grad_()
     weight = (torch.randn(V, H, device=DEVICE) * H**-0.5 * 2).to(dtype).requires_grad_()
