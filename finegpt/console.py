@@ -16,7 +16,8 @@ def format_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> st
         widths = [max(w, len(c)) for w, c in zip(widths, row)]
 
     def is_number(text: str) -> bool:
-        head = text.split(" ")[0].rstrip("x%×").replace(",", "").replace("_", "")
+        # "12.5M", "3.1x", "85%", "1,024", "1.5 GiB": the leading number decides the alignment.
+        head = text.split(" ")[0].rstrip("x%×kMBT").replace(",", "")
         try:
             float(head)
         except ValueError:
