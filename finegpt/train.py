@@ -745,8 +745,9 @@ def train_command(ctx, vram, **options):
     """Train a GPT with the preset that fits your card.
 
     With no arguments: the tier of the detected GPU (the tiny `cpu` tier without one) on FineWeb, or
-    on the builtin corpus when the Hugging Face Hub is unreachable. Every preset field can be
-    overridden. Under torchrun, trains on all processes (DDP; FSDP2 with --fsdp).
+    on the builtin corpus when the Hugging Face Hub is unreachable. Options without a default take
+    the --vram preset's value (`finegpt presets` lists them). Under torchrun, trains on all
+    processes (DDP; FSDP2 with --fsdp).
     """
     given = {
         name: value
