@@ -15,8 +15,10 @@ import itertools
 import json
 import os
 import re
+import socket
 import sys
 import sysconfig
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +98,19 @@ def _hub_errors(path: str):
         raise
 
 
+def _probe_hub(path: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when the Hub's host cannot be reached: huggingface_hub retries a dead network for
+    ~25 s before `datasets` gives up, which is what `finegpt train`'s offline fallback would wait.
+    Skipped behind a proxy, where only the proxy knows whether the Hub is reachable."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError as err:
+        raise _hub_unreachable(path, err) from err
+
+
 def hub_stream(path: str, name: str | None, *, data_files=None) -> Callable[[int], Iterator]:
     """Open the train split of a Hub dataset for streaming its `text` column; returns batches(start).
 
@@ -107,6 +122,8 @@ def hub_stream(path: str, name: str | None, *, data_files=None) -> Callable[[int
         import datasets
     except ImportError as err:
         raise FinegptError("streaming from the Hub needs the `datasets` package: pip install datasets") from err
+    if data_files is None:
+        _probe_hub(path)
     with _hub_errors(path):
         ds = datasets.load_dataset(path, name=name, data_files=data_files, split="train",
                                    streaming=True, columns=["text"])

@@ -360,6 +360,7 @@ def _hub_offline_error():
     _requests_error, _hub_offline_error])
 def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch, make_error):
     datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(corpus, "_probe_hub", lambda path: None)  # the host answers; datasets fails
 
     def offline(*args, **kwargs):
         raise make_error()
@@ -373,6 +374,7 @@ def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch, make_error):
 @pytest.mark.slow
 def test_other_hub_failures_are_not_called_offline(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(corpus, "_probe_hub", lambda path: None)
 
     def broken(*args, **kwargs):
         raise ValueError("BuilderConfig has no key 'columns'")
@@ -381,6 +383,24 @@ def test_other_hub_failures_are_not_called_offline(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="columns") as info:
         prepare_shards("fineweb", tmp_path / "out", workers=1, progress=False)
     assert not isinstance(info.value, HubUnreachableError)
+
+
+def test_dead_network_fails_fast_without_asking_datasets(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def no_route(address, timeout):
+        raise OSError(101, "Network is unreachable")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("load_dataset ran although the Hub's host is unreachable")
+
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(corpus.socket, "create_connection", no_route)
+    monkeypatch.setattr(datasets, "load_dataset", must_not_run)
+    with pytest.raises(HubUnreachableError, match="Network is unreachable"):
+        prepare_shards("fineweb", tmp_path / "out", workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_hf_hub_offline_cli_message(tmp_path):
