@@ -254,7 +254,9 @@ def test_cli_end_to_end_writes_metrics_curve_checkpoint_and_samples(shards, tmp_
         (["--device", "tpu9"], "--device"),
     ],
 )
-def test_bad_flags_give_a_message_not_a_traceback(args, message, tmp_path):
+def test_bad_flags_give_a_message_not_a_traceback(args, message, tmp_path, monkeypatch):
+    # In an empty directory: the default --out (./out) may hold a real run where the tests are started.
+    monkeypatch.chdir(tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = CliRunner().invoke(main, ["train", "--vram", "cpu", *args] if args[0] != "--vram" else ["train", *args])
     assert result.exit_code in (1, 2), result.output
