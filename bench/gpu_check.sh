@@ -6,7 +6,8 @@
 #   FINEGPT_COMMIT=$(git rev-parse --short=12 HEAD) OUT=/tmp/out bash bench/gpu_check.sh
 #
 # Budget (seconds, each step killed at its limit; a failed step is recorded and the next one runs):
-#   setup 35 + GPU tests 45 + kernels 75 + train (every tier emulated) 115 + loader 30 = 300 = 5 min.
+#   setup 35 + GPU tests 45 + kernels 75 + train (every tier emulated) 115 + loader 50 = 320 s (writing the
+#   100M-token loader shard takes ~5 s of it).
 # The train step stops starting new paths after 85 s and is interrupted (SIGINT, which it turns into a
 # partial result) at its limit. Leaves in $OUT (at most 6 files, as the device tool returns 8):
 #   results/results.json, results/report.md, results/{loader,kernels,train}.png, gpu_check.log
@@ -49,7 +50,7 @@ export PYTHONPATH="$SITE"
 step gpu-tests 45 python3 -m pytest "$REPO/tests" -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors
 step kernels 75 python3 -m finegpt bench kernels --out "$RESULTS"
 step train 115 python3 -m finegpt bench train --all-tiers --burn-in 2 --steps 5 --time-budget 85 --out "$RESULTS"
-step loader 30 python3 -m finegpt bench loader --device cuda --out "$RESULTS"
+step loader 50 python3 -m finegpt bench loader --device cuda --out "$RESULTS"
 
 echo | tee -a "$LOG"
 (cd "$WORK" && timeout 30 python3 - "$RESULTS/results.json" <<'EOF') 2>&1 | tee -a "$LOG"
