@@ -203,7 +203,7 @@ def apply_overrides(preset: Preset, **overrides) -> Preset:
 def presets_command():
     """Show the config of each VRAM tier with its real size, schedule and estimated peak memory.
 
-    Memory is the FACTS §2 estimate (not a measurement) for the tier's micro-batch; "!" marks a tier
+    Memory is an estimate (12·N + 38·C·L·B·T + 14·B·T·V bytes on the eager path; not a measurement) for the tier's micro-batch; "!" marks a tier
     whose eager (unfused) step would not fit its card.
     """
     from finegpt.device import device_memory_bytes, device_name
@@ -239,5 +239,6 @@ def presets_command():
     click.echo(format_table(rows, headers))
     click.echo(
         f"\n* = the tier `--vram auto` picks here ({device_name()}). "
-        "! = estimated peak exceeds the card. Memory: estimate of FACTS §2 + 10% + 1 GiB CUDA context."
+        "! = estimated peak exceeds the card. Memory: 12·N + 38·C·L·B·T + 14·B·T·V bytes on the eager path "
+        "(the last term is the logits; the fused head holds one chunk of them instead), + 10% + 1 GiB CUDA context."
     )

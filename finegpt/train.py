@@ -672,7 +672,7 @@ def _print_header(trainer: Trainer, echo, resumed: bool) -> None:
     )
     if trainer.device.type == "cuda":
         estimate = estimate_peak_memory(mc, cfg.batch_size, cfg.block_size, fused=mc.fused)
-        echo(f"Estimated peak memory {human_bytes(estimate)} (FACTS §2 formula)")
+        echo(f"Estimated peak memory {human_bytes(estimate)} (finegpt.presets.estimate_peak_memory; `finegpt presets` explains it)")
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path, title: str) -> Path:

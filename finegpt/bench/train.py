@@ -464,7 +464,7 @@ def run(
         "'vs eager' compares with eager in the same compile mode at the largest micro-batch that fit the card "
         "(eager+compile is not re-compiled at smaller micro-batches: where it does not fit, its run without the "
         "cap at the tier's micro-batch is the reference).",
-        "estimate = finegpt.presets.estimate_peak_memory (FACTS §2 formula, bf16 GPU step).",
+        "estimate = finegpt.presets.estimate_peak_memory (12·N + 38·C·L·B·T + 14·B·T·V bytes for a bf16 eager step; the fused head holds one logits chunk).",
     ]
     if cuda:
         notes.append(
