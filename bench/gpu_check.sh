@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole benchmark on the GPU machine (FACTS §10: Python 3.12, torch, triton, numpy, click, matplotlib,
+# The whole benchmark on the GPU machine (Python 3.12, torch, triton, numpy, click, matplotlib,
 # pytest preinstalled; no network, no Rust). Run from the repository root with the wheel built
 # elsewhere in wheelhouse/ (see bench/README.md):
 #
