@@ -673,6 +673,9 @@ def _print_header(trainer: Trainer, echo, resumed: bool) -> None:
     if trainer.device.type == "cuda":
         estimate = estimate_peak_memory(mc, cfg.batch_size, cfg.block_size, fused=mc.fused)
         echo(f"Estimated peak memory {human_bytes(estimate)} (finegpt.presets.estimate_peak_memory; `finegpt presets` explains it)")
+    elif getattr(PRESETS.get(cfg.preset), "vram_gb", None) is not None:
+        echo(f"Note: tier {cfg.preset} is sized for a {cfg.preset} GB GPU; on the CPU each step of "
+             f"{human_count(cfg.tokens_per_step)} tokens takes minutes or more. `--vram cpu` is the CPU tier.")
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path, title: str) -> Path:

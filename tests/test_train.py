@@ -265,6 +265,17 @@ def test_bad_flags_give_a_message_not_a_traceback(args, message, tmp_path, monke
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the note printed when a GPU tier runs on the CPU")
+def test_gpu_tier_on_the_cpu_says_so(shards, tmp_path):
+    result = CliRunner().invoke(main, [
+        "train", "--vram", "16", "--data", str(shards), "--out", str(tmp_path / "r"), "--device", "cpu",
+        "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "2",
+        "--grad-accum", "1", "--max-iters", "1", "--warmup-iters", "0", "--eval-interval", "1", "--eval-tokens", "64",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "tier 16 is sized for a 16 GB GPU" in result.output and "--vram cpu" in result.output
+
+
 def test_cuda_device_without_cuda_is_a_clear_error(shards, tmp_path):
     with pytest.raises(FinegptError, match="no CUDA GPU"):
         Trainer(tiny(shards, tmp_path, device="cuda", max_iters=1))
