@@ -30,5 +30,5 @@ def path(request, monkeypatch):
     if request.param == "fallback":
         monkeypatch.setattr(_backend, "HAS_TRITON", False)
     elif not _backend.HAS_TRITON:
-        pytest.skip("triton is not importable here, so only the PyTorch fallback can run")
+        pytest.skip(reason="triton is not importable here, so only the PyTorch fallback can run")
     return request.param
