@@ -22,6 +22,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from finegpt.errors import FinegptError
 
@@ -98,17 +99,31 @@ def _hub_errors(path: str):
         raise
 
 
-def _probe_hub(path: str, timeout_s: float = 5.0) -> None:
-    """Fail fast when the Hub's host cannot be reached: huggingface_hub retries a dead network for
-    ~25 s before `datasets` gives up, which is what `finegpt train`'s offline fallback would wait.
+def _hub_host_unreachable(timeout_s: float = 5.0) -> OSError | None:
+    """Why the Hub's host cannot be reached (a 5 s TCP probe), or None when it answers.
+
     Skipped behind a proxy, where only the proxy knows whether the Hub is reachable."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return
+        return None
     url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
     except OSError as err:
-        raise _hub_unreachable(path, err) from err
+        return err
+    return None
+
+
+@contextlib.contextmanager
+def _offline_mode():
+    """datasets and huggingface_hub in offline mode: on a dead network they retry for ~25 s before
+    giving up, which `finegpt train`'s fallback to the builtin corpus would wait; offline, they fail
+    at once (or serve what is cached)."""
+    import datasets
+    import huggingface_hub.constants
+
+    with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True), \
+            mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True):
+        yield
 
 
 def hub_stream(path: str, name: str | None, *, data_files=None) -> Callable[[int], Iterator]:
@@ -116,17 +131,20 @@ def hub_stream(path: str, name: str | None, *, data_files=None) -> Callable[[int
 
     Opening reads only metadata (it fails here, before any output is written, when the Hub is
     unreachable); batches stream BATCH_DOCS documents at a time, nothing is downloaded up front.
-    `path="parquet", data_files=[...]` runs this same code on local files (how it is tested offline).
+    `path="parquet", data_files=[...]` runs this same code on local files.
     """
     try:
         import datasets
     except ImportError as err:
         raise FinegptError("streaming from the Hub needs the `datasets` package: pip install datasets") from err
-    if data_files is None:
-        _probe_hub(path)
-    with _hub_errors(path):
-        ds = datasets.load_dataset(path, name=name, data_files=data_files, split="train",
-                                   streaming=True, columns=["text"])
+    unreachable = _hub_host_unreachable() if data_files is None else None
+    try:
+        with _hub_errors(path), (_offline_mode() if unreachable else contextlib.nullcontext()):
+            ds = datasets.load_dataset(path, name=name, data_files=data_files, split="train",
+                                       streaming=True, columns=["text"])
+    except HubUnreachableError as err:
+        # Say why the network is out, not that offline mode (which we chose) is on.
+        raise (_hub_unreachable(path, unreachable) if unreachable else err) from err
 
     def batches(start: int) -> Iterator:
         with _hub_errors(path):
@@ -175,7 +193,8 @@ def _local_files(path: Path) -> list[Path]:
 
 
 def _parquet_text_size(file: Path) -> tuple[int, int]:
-    """(rows, uncompressed bytes of the text column); raises FinegptError without a text column."""
+    """(rows, uncompressed bytes of the text column); raises FinegptError without a text column of strings."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -186,6 +205,10 @@ def _parquet_text_size(file: Path) -> tuple[int, int]:
     if "text" not in names:
         raise FinegptError(f"{file}: no `text` column (columns: {', '.join(names)}); "
                            "finegpt prepare reads documents from a column named text")
+    text_type = meta.schema.to_arrow_schema().field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise FinegptError(f"{file}: the `text` column holds {text_type}, not strings; "
+                           "finegpt prepare tokenizes a text column of strings")
     col = names.index("text")
     nbytes = sum(meta.row_group(g).column(col).total_uncompressed_size for g in range(meta.num_row_groups))
     return meta.num_rows, nbytes

@@ -129,6 +129,10 @@ def shard_paths(files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     found = [Path(f) for f in files]
     if not found:
         raise LoaderError("files: the list of shards is empty")
+    for path in found:
+        if path.is_dir():
+            raise ShardError(f"{path}: a directory inside the list of shards; pass the directory "
+                             "alone (its *.bin are used) or list its shard files")
     return found
 
 

@@ -214,6 +214,7 @@ def bad_shard(tmp_path, header, body=b""):
         ("{d}/missing.bin", {}, ShardNotFoundError, "missing.bin.*no such file"),
         ("{d}/empty_dir", {}, ShardNotFoundError, "empty_dir: directory holds no .bin shards"),
         ([], {}, LoaderError, "files"),
+        (["{d}/empty_dir"], {}, ShardError, "empty_dir: a directory inside the list of shards"),
         ("magic", {}, ShardError, "bad.bin: wrong magic number 1234"),
         ("version", {}, ShardError, "bad.bin: unsupported shard version 2"),
         ("short", {}, ShardError, "bad.bin: .*shorter than its header says"),
@@ -241,6 +242,8 @@ def test_bad_input_is_a_clear_error(tmp_path, files, kwargs, error, match):
     files = made[files]() if isinstance(files, str) and files in made else files
     if isinstance(files, str):
         files = files.format(d=tmp_path)
+    elif isinstance(files, list):
+        files = [f.format(d=tmp_path) if isinstance(f, str) else f for f in files]
     with pytest.raises(error, match=match) as info:
         TokenLoader(files, **{"batch_size": 2, "block_size": T, **kwargs})
     assert isinstance(info.value, FinegptError)

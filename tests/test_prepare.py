@@ -360,7 +360,7 @@ def _hub_offline_error():
     _requests_error, _hub_offline_error])
 def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch, make_error):
     datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(corpus, "_probe_hub", lambda path: None)  # the host answers; datasets fails
+    monkeypatch.setattr(corpus, "_hub_host_unreachable", lambda: None)  # the host answers; datasets fails
 
     def offline(*args, **kwargs):
         raise make_error()
@@ -374,7 +374,7 @@ def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch, make_error):
 @pytest.mark.slow
 def test_other_hub_failures_are_not_called_offline(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(corpus, "_probe_hub", lambda path: None)
+    monkeypatch.setattr(corpus, "_hub_host_unreachable", lambda: None)
 
     def broken(*args, **kwargs):
         raise ValueError("BuilderConfig has no key 'columns'")
@@ -385,22 +385,45 @@ def test_other_hub_failures_are_not_called_offline(tmp_path, monkeypatch):
     assert not isinstance(info.value, HubUnreachableError)
 
 
-def test_dead_network_fails_fast_without_asking_datasets(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
-
+def _dead_network(monkeypatch):
     def no_route(address, timeout):
         raise OSError(101, "Network is unreachable")
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("load_dataset ran although the Hub's host is unreachable")
 
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setattr(corpus.socket, "create_connection", no_route)
-    monkeypatch.setattr(datasets, "load_dataset", must_not_run)
+
+
+def test_dead_network_fails_fast_with_the_reason(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    _dead_network(monkeypatch)
+    t0 = time.perf_counter()
     with pytest.raises(HubUnreachableError, match="Network is unreachable"):
         prepare_shards("fineweb", tmp_path / "out", workers=1, progress=False)
+    assert time.perf_counter() - t0 < 5  # datasets alone retries a dead network for ~25 s
     assert not (tmp_path / "out").exists()
+
+
+def test_load_dataset_pointed_at_local_parquet_runs_the_hub_path(parquet_dir, tmp_path, monkeypatch):
+    """No network at all, `datasets.load_dataset` replaced by a local parquet stream: the Hub code
+    path (streaming, text column, resume by skip) still runs and writes the same shards."""
+    datasets = pytest.importorskip("datasets")
+    _dead_network(monkeypatch)
+    real_load = datasets.load_dataset
+    files = sorted(str(p) for p in parquet_dir.glob("*.parquet"))
+    calls = []
+
+    def local(path, name=None, **kwargs):
+        calls.append((path, name, kwargs.get("streaming")))
+        return real_load("parquet", data_files=files, split="train", streaming=True, columns=["text"])
+
+    monkeypatch.setattr(datasets, "load_dataset", local)
+    args = dict(shard_tokens=600, val_tokens=350, workers=1, progress=False)
+    manifest = prepare_shards("fineweb", tmp_path / "hub", **args)
+    assert calls == [("HuggingFaceFW/fineweb", "sample-10BT", True)]
+    assert manifest["source"] == {"hub": "HuggingFaceFW/fineweb", "name": "sample-10BT"}
+    local_manifest = prepare_shards(parquet_dir, tmp_path / "local", **args)
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in local_manifest["shards"]]
 
 
 def test_hf_hub_offline_cli_message(tmp_path):
@@ -479,6 +502,9 @@ def test_user_mistakes_are_clear_errors(tmp_path):
     no_text = tmp_path / "no_text.parquet"
     pq.write_table(pa.table({"content": ["a", "b"], "id": ["1", "2"]}), no_text)
     cases.append((no_text, "no `text` column"))
+    int_text = tmp_path / "int_text.parquet"
+    pq.write_table(pa.table({"text": [1, 2]}), int_text)
+    cases.append((int_text, "not strings"))
     bad_line = tmp_path / "bad.jsonl"
     bad_line.write_text('{"text": "ok"}\n{"body": "no text"}\n')
     cases.append((bad_line, "bad.jsonl:2: no `text` field"))
