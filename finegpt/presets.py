@@ -163,8 +163,12 @@ def get_preset(vram: str) -> Preset:
     return PRESETS[vram]
 
 
-def estimate_peak_memory(preset_or_config, batch_size: int, block_size: int, fused: bool) -> int:
+def estimate_peak_memory(preset_or_config, batch_size: int | None = None, block_size: int | None = None,
+                         fused: bool = False, overhead: bool = True) -> int:
     """Estimated peak GPU memory in bytes of one training step (bf16 autocast, flash attention, AdamW).
+
+    batch_size and block_size default to the preset's (block_size: the config's). overhead=False gives
+    the bare formula, without the allocator's share and the CUDA context.
 
     FACTS §2, fitted to PyTorch's memory tracker: 12·N (fp32 weights, grads, two Adam states) +
     38·C·L·B·T (the layers' saved activations) + 14·B·T·V (logits: bf16 kept, fp32 log-softmax saved,
@@ -176,7 +180,13 @@ def estimate_peak_memory(preset_or_config, batch_size: int, block_size: int, fus
     """
     from finegpt.model import meta_model
 
-    config = preset_or_config.model_config() if isinstance(preset_or_config, Preset) else preset_or_config
+    is_preset = isinstance(preset_or_config, Preset)
+    config = preset_or_config.model_config() if is_preset else preset_or_config
+    if batch_size is None:
+        if not is_preset:
+            raise TypeError("estimate_peak_memory: pass batch_size with a model config")
+        batch_size = preset_or_config.batch_size
+    block_size = config.block_size if block_size is None else block_size
     n = meta_model(config).num_params()
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
     tokens = batch_size * block_size
@@ -187,6 +197,8 @@ def estimate_peak_memory(preset_or_config, batch_size: int, block_size: int, fus
         total += min(CHUNK_BYTES, 2 * tokens * V) + 6 * V * C + 6 * tokens * C
     else:
         total += 14 * tokens * V
+    if not overhead:
+        return int(total)
     return int(total * (1 + ALLOCATOR_OVERHEAD) + CUDA_CONTEXT_BYTES)
 
 

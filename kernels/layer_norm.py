@@ -255,15 +255,22 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional
         raise ValueError(f"add_layer_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float = 1e-5) -> Tensor:
+def _ones_if_none(weight: Optional[Tensor], x: Tensor) -> Tensor:
+    # F.layer_norm takes weight=None as no scaling; the kernels always read a weight.
+    return x.new_ones(x.shape[-1]) if weight is None else weight
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5) -> Tensor:
     """F.layer_norm(x, (C,), weight, bias, eps) over the last dimension of x (any leading shape)."""
+    weight = _ones_if_none(weight, x)
     _check(x, weight, bias)
     return LayerNormFunction.apply(x, None, weight, bias, eps)
 
 
 def add_layer_norm(
-    x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float = 1e-5
+    x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5
 ) -> tuple[Tensor, Tensor]:
     """(layer_norm(x + residual), x + residual) in one pass over memory."""
+    weight = _ones_if_none(weight, x)
     _check(x, weight, bias, residual)
     return LayerNormFunction.apply(x, residual, weight, bias, eps)

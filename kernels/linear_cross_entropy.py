@@ -208,11 +208,18 @@ def linear_cross_entropy(
 ) -> Tensor:
     """F.cross_entropy(hidden @ weight.T (+ bias), targets) for hidden (N, H), weight (V, H), computed
     chunk_size tokens at a time (default: `default_chunk_size`). Under autocast the GEMMs run in the
-    autocast dtype, like the eager lm_head; the loss is fp32."""
+    autocast dtype, like the eager lm_head; the loss is fp32.
+
+    hidden may also be (B, T, H) with targets (B, T): the tokens are flattened, and reduction="none"
+    returns (B, T) losses."""
+    if hidden.dim() > 2 and weight.dim() == 2 and targets.shape == hidden.shape[:-1]:
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias,
+                                    ignore_index, reduction, chunk_size)
+        return loss.view(targets.shape) if reduction == "none" else loss
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"linear_cross_entropy: need hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)}; flatten hidden with hidden.view(-1, hidden.size(-1))"
+            f"linear_cross_entropy: need hidden (N, H) or (B, T, H) with targets of its leading shape, and "
+            f"weight (V, H); got {tuple(hidden.shape)}, targets {tuple(targets.shape)} and weight {tuple(weight.shape)}"
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"linear_cross_entropy: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")

@@ -186,6 +186,15 @@ def test_kernels_compile_for_h100():
     subprocess.run([sys.executable, "-m", "kernels.testing", "layer_norm"], check=True, env=env, cwd=Path(__file__).parents[1])
 
 
+def test_no_weight_means_no_scaling_like_f_layer_norm(path):
+    x, residual = torch.randn(6, 40, device=DEVICE), torch.randn(6, 40, device=DEVICE)
+    bias = torch.randn(40, device=DEVICE)
+    torch.testing.assert_close(layer_norm(x, None, None), F.layer_norm(x, (40,)))
+    normed, total = add_layer_norm(x, residual, None, bias)
+    torch.testing.assert_close(normed, F.layer_norm(x + residual, (40,), None, bias))
+    torch.testing.assert_close(total, x + residual)
+
+
 def test_rejects_mismatched_weight():
     with pytest.raises(ValueError, match=r"\(64,\)"):
         layer_norm(torch.randn(2, 64), torch.ones(32), None)

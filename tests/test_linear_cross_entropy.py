@@ -166,6 +166,17 @@ def test_compiles_without_graph_break(monkeypatch):
     torch.testing.assert_close(compiled_grads, (x.grad, w.grad))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batched_hidden_equals_flattened(path, reduction):
+    """hidden (B, T, H) with targets (B, T), as a GPT head hands them over."""
+    hidden, weight, _, targets = _inputs(12, 16, 37, torch.float32)
+    flat = linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE, reduction=reduction)
+    batched = linear_cross_entropy(hidden.view(3, 4, 16), weight, targets.view(3, 4), ignore_index=IGNORE,
+                                   reduction=reduction)
+    assert batched.shape == ((3, 4) if reduction == "none" else ())
+    torch.testing.assert_close(batched.reshape(flat.shape), flat, rtol=0, atol=0)
+
+
 def test_rejects_bad_arguments():
     h, w = torch.randn(4, 8), torch.randn(11, 8)
     t = torch.zeros(4, dtype=torch.long)

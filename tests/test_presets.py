@@ -34,8 +34,10 @@ def test_gpu_tiers_are_the_guides_with_their_real_sizes(tier):
     assert round(model.num_params() / 1e6, 1) == total_m
     assert round(model.num_params(non_embedding=True) / 1e6, 1) == non_emb_m
     if eager_gib:
-        bare = (estimate_peak_memory(p, p.batch_size, p.block_size, fused=False) - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_OVERHEAD)
+        bare = estimate_peak_memory(p, overhead=False)  # the preset's micro-batch and block, eager
         assert round(bare / GIB, 1) == eager_gib
+        with_overhead = estimate_peak_memory(p, p.batch_size, p.block_size, fused=False)
+        assert with_overhead == pytest.approx(bare * (1 + ALLOCATOR_OVERHEAD) + CUDA_CONTEXT_BYTES, abs=2)
 
 
 @pytest.mark.parametrize("tier", list(GUIDE))
