@@ -311,5 +311,7 @@ def run(quick: bool = False) -> SectionResult:
         headline=_headline(cases, copy_gbs),
         notes=notes,
         charts=[Chart(title="Fused kernels, forward + backward (bf16)", label_key="case", value_key="ms",
-                      unit="ms (fwd+bwd)", series_key="path")],
+                      unit="ms (fwd+bwd)", series_key="path"),
+                Chart(title="Memory above the inputs, forward + backward (bf16)", label_key="case",
+                      value_key="extra_mib", unit="MiB", series_key="path")],
     )
