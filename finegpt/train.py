@@ -526,7 +526,10 @@ def train(cfg: TrainConfig, echo=click.echo) -> dict:
     elif not shard_files(cfg.data, "train"):
         raise FinegptError(f"--data {cfg.data}: no training shards (*_train_*.bin) there; run `finegpt prepare` first")
 
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except torch.cuda.OutOfMemoryError:  # the model and optimizer alone do not fit
+        raise FinegptError(oom_advice(cfg)) from None
     stop = _StopRequest()
     metrics = None
     run = None

@@ -293,6 +293,14 @@ def test_out_of_memory_names_a_smaller_micro_batch_or_tier(shards, tmp_path, mon
     with pytest.raises(FinegptError, match="--batch-size 2 --grad-accum 4"):
         train(tiny(shards, tmp_path / "oom", max_iters=2), echo=lambda *a: None)
 
+    # Out of memory already while the model and optimizer are built: the same advice.
+    def oom_at_build(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "__init__", oom_at_build)
+    with pytest.raises(FinegptError, match="--batch-size 2 --grad-accum 4"):
+        train(tiny(shards, tmp_path / "oom_build", max_iters=2), echo=lambda *a: None)
+
 
 def test_wandb_without_the_package_is_a_clear_error(shards, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
