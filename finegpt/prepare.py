@@ -9,7 +9,6 @@ one starts (document number and token offset), which is all a re-run needs to re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -30,7 +29,7 @@ from finegpt import __version__
 from finegpt.console import format_table, human_bytes, human_count
 from finegpt.corpus import Source, open_source
 from finegpt.errors import FinegptError
-from finegpt.tokenizer import encode_documents, gpt2_encoding, tokenizer_info, worker_initializer
+from finegpt.tokenizer import encode_documents, file_sha256, gpt2_encoding, tokenizer_info, worker_initializer
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "finegpt-shards/1"
@@ -58,14 +57,6 @@ def default_val_tokens(source: Source, shard_tokens: int, max_tokens: int | None
         return shard_tokens if max_tokens is None else min(shard_tokens, max(1, max_tokens // 10))
     total = source.estimated_tokens if max_tokens is None else min(source.estimated_tokens, max_tokens)
     return max(1, min(EVAL_TOKENS, shard_tokens, total // 10))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -124,7 +115,7 @@ def _open_output(out: Path, fresh: dict, overwrite: bool) -> dict:
     kept = []
     for shard in old["shards"]:
         file = out / shard["name"]
-        if not file.is_file() or _sha256(file) != shard["sha256"]:
+        if not file.is_file() or file_sha256(file) != shard["sha256"]:
             click.echo(f"{file}: missing or changed since it was written; preparing again from there", err=True)
             old["complete"] = False
             break
@@ -218,7 +209,7 @@ def prepare_shards(dataset: str = "fineweb", out: Path | str | None = None, *, n
         path = out / shard_name(source.prefix, index)
         data.write_shard(path, buf[:fill])
         shards.append({"name": path.name, "index": index, "split": "val" if index == 0 else "train",
-                       "tokens": fill, "sha256": _sha256(path), "end": {"document": document, "offset": offset}})
+                       "tokens": fill, "sha256": file_sha256(path), "end": {"document": document, "offset": offset}})
         _summarize(manifest)
         _write_manifest(out, manifest)
         index, buf, fill = index + 1, None, 0

@@ -55,8 +55,13 @@ def _tiktoken_cache_dir() -> Path | None:
     return Path(cache) if cache else None
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB pieces (shards are 200 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _local_candidates() -> list[dict[str, Path]]:
@@ -147,7 +152,7 @@ def _load() -> tiktoken.Encoding:
     for files in _local_candidates():
         if not all(path.is_file() for path in files.values()):
             continue
-        bad = [str(path) for name, path in files.items() if _sha256(path) != GPT2_FILES[name][1]]
+        bad = [str(path) for name, path in files.items() if file_sha256(path) != GPT2_FILES[name][1]]
         if bad:
             rejected.extend(bad)
             continue
