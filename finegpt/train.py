@@ -72,7 +72,7 @@ class TrainConfig:
     eval_tokens: int
     log_interval: int
     preset: str = "custom"
-    vocab_size: int = 50304
+    vocab_size: int = GPTConfig.vocab_size
     bias: bool = True
     beta1: float = 0.9
     grad_clip: float = 1.0

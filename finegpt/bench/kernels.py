@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from finegpt.bench.result import Chart, SectionResult
+from finegpt.model import GPTConfig
+from finegpt.presets import PRESETS
 
 LN_ROWS = (32768, 16384)
 LN_WIDTHS = (768, 384, 512, 640, 672, 1024)
 CE_ROWS = (16384, 8192)
-VOCAB = 50304
-# The guide's tiers (FACTS §1), used only if finegpt.presets cannot be imported.
-FALLBACK_TIERS = {"80": (64 * 1024, 768), "48": (32 * 1024, 672), "24": (32 * 1024, 640), "16": (32 * 1024, 512), "12": (16 * 1024, 384)}
+VOCAB = GPTConfig.vocab_size  # GPT-2's vocabulary padded as the model pads it
 HEADLINE_TIER = "24"
 # do_bench windows (ms): short, the section must fit a few minutes of GPU time.
 WARMUP_MS, REP_MS = 10, 50
@@ -55,10 +55,6 @@ class Case:
 
 def _tiers() -> dict[str, tuple[int, int]]:
     """{tier: (B·T, n_embd)} at each VRAM tier's micro-batch, from the one preset table."""
-    try:
-        from finegpt.presets import PRESETS
-    except ImportError:
-        return dict(FALLBACK_TIERS)
     return {p.name: (p.batch_size * p.block_size, p.n_embd) for p in PRESETS.values() if p.vram_gb is not None}
 
 
@@ -140,7 +136,7 @@ def _linear_cross_entropy_case(tier: str, n: int, h: int, headline: bool) -> Cas
 def _cases(quick: bool) -> list[Case]:
     """Headline cases first, so a spent budget costs only the grid around them."""
     tiers = _tiers()
-    n24, h24 = tiers.get(HEADLINE_TIER, FALLBACK_TIERS[HEADLINE_TIER])
+    n24, h24 = tiers[HEADLINE_TIER]
     cases = [
         _layer_norm_case(32768, 768, headline=True),
         _cross_entropy_case(16384, headline=True),
